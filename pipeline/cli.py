@@ -1,0 +1,315 @@
+"""provline: the command line. A thin layer: parse options, call the library, print."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import __version__, ca, hsm
+from .errors import InputError, ProvlineError
+from .files import write_atomic
+from .keyprofile import KeyProfile
+from .keys import HsmDefaults, load_signing_key, save_encrypted_pkcs8
+from .secret import SecretRef
+
+app = typer.Typer(
+    help="Factory-line provisioning: HSM-held device keys and CA, full-chain bundles, "
+    "DPS pre-registration, signed audit logs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+hsm_app = typer.Typer(help="Set up PKCS#11 tokens.", no_args_is_help=True)
+ca_app = typer.Typer(help="The CA hierarchy: root, intermediate, PoP, transport and audit keys.",
+                     no_args_is_help=True)
+app.add_typer(hsm_app, name="hsm")
+app.add_typer(ca_app, name="ca")
+
+# Options shared by every command that opens a token. Secrets are named by source only.
+ModuleOpt = Annotated[str, typer.Option(
+    "--module", envvar="PROVLINE_PKCS11_MODULE", help="PKCS#11 module path.")]
+PinOpt = Annotated[str, typer.Option(
+    "--pin-source", help="Where the token user PIN comes from: env:NAME or file:PATH.")]
+ConfOpt = Annotated[str | None, typer.Option(
+    "--softhsm2-conf", envvar="SOFTHSM2_CONF", help="SoftHSM2 config (tests, demo).")]
+TokenOpt = Annotated[str, typer.Option("--token", envvar="PROVLINE_TOKEN",
+                                       help="Token label (never a slot number).")]
+ProfileOpt = Annotated[KeyProfile, typer.Option("--profile", help="Key algorithm.")]
+
+
+def _defaults(module: str, pin_source: str, softhsm2_conf: str | None) -> HsmDefaults:
+    return HsmDefaults(module=module, pin=SecretRef.parse(pin_source, where="--pin-source"),
+                       softhsm2_conf=softhsm2_conf)
+
+
+def _token(token: str, d: HsmDefaults) -> hsm.Token:
+    return hsm.open_token(d.module, token, d.pin, d.softhsm2_conf)
+
+
+def _emit(data: dict[str, object], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2, default=str))
+    else:
+        width = max(len(k) for k in data)
+        for key, value in data.items():
+            print(f"{key:<{width}}  {value}")
+
+
+@app.callback(invoke_without_command=True)
+def _root(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False
+          ) -> None:
+    if version:
+        print(f"provline {__version__}")
+        raise typer.Exit()
+
+
+# ------------------------------------------------------------------------------------- hsm
+@hsm_app.command("init")
+def hsm_init(
+    directory: Annotated[Path, typer.Argument(help="Directory for the SoftHSM2 config + tokens.")],
+    label: Annotated[str, typer.Option("--label", help="Token label.")],
+    pin_source: PinOpt = "env:PROVLINE_PIN",
+    so_pin_source: Annotated[str, typer.Option("--so-pin-source",
+                                               help="Security-officer PIN: env:NAME or file:PATH."
+                                               )] = "env:PROVLINE_SO_PIN",
+) -> None:
+    """Create a SoftHSM2 token under DIRECTORY (never the system token directory)."""
+    from .softhsm import init_token
+
+    pin = SecretRef.parse(pin_source, where="--pin-source").read(where="--pin-source")
+    so_pin = SecretRef.parse(so_pin_source, where="--so-pin-source").read(where="--so-pin-source")
+    conf = init_token(directory, label, so_pin=so_pin, user_pin=pin)
+    print(f"token {label!r} initialised")
+    print(f"export SOFTHSM2_CONF={conf}")
+
+
+# -------------------------------------------------------------------------------------- ca
+@ca_app.command("init-root")
+def ca_init_root(
+    out: Annotated[Path, typer.Option("--out", help="Directory for root.cert.pem.")],
+    subject: Annotated[str, typer.Option("--subject")] = "CN=provline Root CA",
+    days: Annotated[int, typer.Option("--days", min=1)] = 7300,
+    profile: ProfileOpt = KeyProfile.EC_P384,
+    token: TokenOpt = "",
+    label: Annotated[str, typer.Option("--label", help="Key label in the token.")] = "root",
+    key_file: Annotated[Path | None, typer.Option(
+        "--key-file", help="Keep the root key in this encrypted PKCS#8 file instead of a token."
+    )] = None,
+    passphrase_source: Annotated[str, typer.Option(
+        "--passphrase-source", help="Passphrase for --key-file: env:NAME or file:PATH."
+    )] = "env:PROVLINE_ROOT_PASSPHRASE",
+    module: ModuleOpt = hsm.DEFAULT_MODULE,
+    pin_source: PinOpt = "env:PROVLINE_PIN",
+    softhsm2_conf: ConfOpt = None,
+) -> None:
+    """Create the self-signed root CA; its key goes into a token (default) or a file."""
+    name = ca.parse_name(subject)
+    cert_path = out / "root.cert.pem"
+    if cert_path.exists():
+        raise InputError(f"{cert_path} already exists", rule="never overwrite a CA")
+    if key_file is None:
+        if not token:
+            raise InputError("give --token (root key in a token) or --key-file", rule="usage")
+        signer = _token(token, _defaults(module, pin_source, softhsm2_conf)) \
+            .generate_named_keypair(profile, label)
+        location = str(hsm.Pkcs11Uri(token=token, object=label, type="private"))
+        cert = ca.build_root(signer, name, days)
+    else:
+        if key_file.exists():
+            raise InputError(f"{key_file} already exists", rule="never overwrite a CA key")
+        passphrase = SecretRef.parse(passphrase_source).read(where="--passphrase-source")
+        key = profile.generate_software_key()
+        cert = ca.build_root(key, name, days)
+        out.mkdir(parents=True, exist_ok=True)
+        save_encrypted_pkcs8(key, key_file, passphrase)
+        location = str(key_file.resolve())
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(cert_path, ca.pem(cert), fsync=True)
+    print(f"root certificate  {cert_path}")
+    print(f"root key          {location}")
+
+
+@ca_app.command("init-intermediate")
+def ca_init_intermediate(
+    out: Annotated[Path, typer.Option("--out", help="Directory for intermediate.cert.pem, chain.pem.")],
+    root_cert: Annotated[Path, typer.Option("--root-cert")],
+    root_key: Annotated[str, typer.Option("--root-key", help="PKCS#11 URI or PKCS#8 file.")],
+    token: TokenOpt,
+    subject: Annotated[str, typer.Option("--subject")] = "CN=provline Issuing CA",
+    days: Annotated[int, typer.Option("--days", min=1)] = 1825,
+    profile: ProfileOpt = KeyProfile.EC_P256,
+    label: Annotated[str, typer.Option("--label")] = "intermediate",
+    passphrase_source: Annotated[str, typer.Option("--passphrase-source")] =
+        "env:PROVLINE_ROOT_PASSPHRASE",
+    module: ModuleOpt = hsm.DEFAULT_MODULE,
+    pin_source: PinOpt = "env:PROVLINE_PIN",
+    softhsm2_conf: ConfOpt = None,
+) -> None:
+    """Create the issuing CA: key generated inside the station token (never extractable),
+    certificate signed by the root key (pathlen 0)."""
+    d = _defaults(module, pin_source, softhsm2_conf)
+    root = ca.load_cert(str(root_cert), where="--root-cert")
+    root_signer, _ = load_signing_key(root_key, d, SecretRef.parse(passphrase_source))
+    if root_signer.public_key() != root.public_key():
+        raise InputError("--root-key does not match --root-cert", rule="issuer key matches")
+    name = ca.parse_name(subject)
+    cert_path, chain_path = out / "intermediate.cert.pem", out / "chain.pem"
+    if cert_path.exists():
+        raise InputError(f"{cert_path} already exists", rule="never overwrite a CA")
+    # Check the validity before creating the key, so a bad --days leaves nothing behind.
+    ca._not_after_within(root, ca.utcnow(), days, "the intermediate")
+    signer = _token(token, d).generate_named_keypair(profile, label)
+    cert = ca.build_intermediate(signer.public_key(), name, root, root_signer, days)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(cert_path, ca.pem(cert), fsync=True)
+    write_atomic(chain_path, ca.pem(cert) + ca.pem(root), fsync=True)
+    print(f"intermediate certificate  {cert_path}")
+    print(f"chain (issuer → root)     {chain_path}")
+    print(f"intermediate key          {hsm.Pkcs11Uri(token=token, object=label, type='private')}")
+
+
+@ca_app.command("pop")
+def ca_pop(
+    code: Annotated[str, typer.Option("--code", help="Verification code shown by DPS/IoT Hub.")],
+    ca_cert: Annotated[Path, typer.Option("--ca-cert")],
+    ca_key: Annotated[str, typer.Option("--ca-key", help="PKCS#11 URI or PKCS#8 file.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the PoP certificate.")],
+    passphrase_source: Annotated[str, typer.Option("--passphrase-source")] =
+        "env:PROVLINE_ROOT_PASSPHRASE",
+    module: ModuleOpt = hsm.DEFAULT_MODULE,
+    pin_source: PinOpt = "env:PROVLINE_PIN",
+    softhsm2_conf: ConfOpt = None,
+) -> None:
+    """Proof of possession: a certificate whose CN is CODE, signed by the CA key."""
+    d = _defaults(module, pin_source, softhsm2_conf)
+    cert = ca.load_cert(str(ca_cert), where="--ca-cert")
+    signer, _ = load_signing_key(ca_key, d, SecretRef.parse(passphrase_source))
+    if signer.public_key() != cert.public_key():
+        raise InputError("--ca-key does not match --ca-cert", rule="issuer key matches")
+    write_atomic(out, ca.pem(ca.build_pop(code, cert, signer)))
+    print(f"verification certificate  {out}")
+
+
+@ca_app.command("transport-key")
+def ca_transport_key(
+    token: TokenOpt,
+    label: Annotated[str, typer.Option("--label")] = "transport",
+    module: ModuleOpt = hsm.DEFAULT_MODULE,
+    pin_source: PinOpt = "env:PROVLINE_PIN",
+    softhsm2_conf: ConfOpt = None,
+) -> None:
+    """Create the station's AES-256 transport key (wrap/unwrap only, never extractable)."""
+    t = _token(token, _defaults(module, pin_source, softhsm2_conf))
+    if list(t.session.get_objects({hsm.Attribute.CLASS: hsm.ObjectClass.SECRET_KEY,
+                                   hsm.Attribute.LABEL: label})):
+        raise InputError(f"token {token} already holds a secret key labelled {label!r}",
+                         rule="key labels are unique in a token")
+    key = t.generate_transport_key(label)
+    print(f"transport key  {hsm.Pkcs11Uri(token=token, object=label, type='secret-key')}")
+    print(f"check value    {hsm.check_value(key)}")
+
+
+@ca_app.command("audit-key")
+def ca_audit_key(
+    out: Annotated[Path, typer.Option("--out", help="Directory for audit.cert.pem.")],
+    issuer_cert: Annotated[Path, typer.Option("--issuer-cert")],
+    issuer_key: Annotated[str, typer.Option("--issuer-key", help="PKCS#11 URI or PKCS#8 file.")],
+    token: TokenOpt,
+    subject: Annotated[str, typer.Option("--subject")] = "CN=provline audit signer",
+    days: Annotated[int, typer.Option("--days", min=1)] = 825,
+    profile: ProfileOpt = KeyProfile.EC_P256,
+    label: Annotated[str, typer.Option("--label")] = "audit",
+    passphrase_source: Annotated[str, typer.Option("--passphrase-source")] =
+        "env:PROVLINE_ROOT_PASSPHRASE",
+    module: ModuleOpt = hsm.DEFAULT_MODULE,
+    pin_source: PinOpt = "env:PROVLINE_PIN",
+    softhsm2_conf: ConfOpt = None,
+) -> None:
+    """Create the station's audit-log signing key in the token, certified by a CA."""
+    d = _defaults(module, pin_source, softhsm2_conf)
+    issuer = ca.load_cert(str(issuer_cert), where="--issuer-cert")
+    issuer_signer, _ = load_signing_key(issuer_key, d, SecretRef.parse(passphrase_source))
+    if issuer_signer.public_key() != issuer.public_key():
+        raise InputError("--issuer-key does not match --issuer-cert", rule="issuer key matches")
+    name = ca.parse_name(subject)
+    days = min(days, max(1, (issuer.not_valid_after_utc - ca.utcnow()).days))
+    signer = _token(token, d).generate_named_keypair(profile, label)
+    cert = ca.build_audit_signer(signer.public_key(), name, issuer, issuer_signer, days)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "audit.cert.pem", ca.pem(cert), fsync=True)
+    print(f"audit certificate  {out / 'audit.cert.pem'}")
+    print(f"audit key          {hsm.Pkcs11Uri(token=token, object=label, type='private')}")
+
+
+@ca_app.command("show")
+def ca_show(
+    cert_path: Annotated[Path, typer.Argument(metavar="CERT")],
+    token: Annotated[str, typer.Option("--token", help="Look for the key in this token.")] = "",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+    module: ModuleOpt = hsm.DEFAULT_MODULE,
+    pin_source: PinOpt = "env:PROVLINE_PIN",
+    softhsm2_conf: ConfOpt = None,
+) -> None:
+    """Subject, issuer, serial, validity, thumbprints and key location of a certificate."""
+    cert = ca.load_cert(str(cert_path))
+    prints = ca.thumbprints(cert)
+    info: dict[str, object] = {
+        "subject": cert.subject.rfc4514_string(),
+        "issuer": cert.issuer.rfc4514_string(),
+        "serial": format(cert.serial_number, "X"),
+        "not_before": cert.not_valid_before_utc.isoformat(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "ca": ca.is_ca(cert),
+        "sha1_thumbprint": prints["sha1"],
+        "sha256_thumbprint": prints["sha256"],
+        "key": "(not looked up: give --token)",
+    }
+    if token:
+        t = _token(token, _defaults(module, pin_source, softhsm2_conf))
+        key_id = hsm.key_id_for(cert.public_key())  # type: ignore[arg-type]
+        found = [o for o in t.objects(hsm.ObjectClass.PRIVATE_KEY) if o.id == key_id]
+        info["key"] = (str(hsm.Pkcs11Uri(token=token, object=found[0].label, id=key_id,
+                                          type="private")) if found
+                       else f"no private key with this certificate's key id in {token}")
+    _emit(info, as_json)
+
+
+# --------------------------------------------------------------------------------- plan/run
+@app.command("validate")
+def validate_cmd(
+    manifest: Annotated[Path, typer.Argument(help="Manifest (YAML or CSV).")],
+    station: Annotated[Path, typer.Option("--station", help="Station config (YAML).")],
+    batch_id: Annotated[str | None, typer.Option("--batch-id", help="Override the batch id.")]
+        = None,
+) -> None:
+    """Check a manifest against a station config without touching the HSM or any file."""
+    from .manifest import load_manifest
+    from .plan import check_inputs
+    from .station import load_station
+
+    st = load_station(station)
+    mf = load_manifest(manifest, batch_id=batch_id)
+    check_inputs(mf, st)
+    print(f"{manifest}: {len(mf)} devices in batch {mf.batch_id}, profile {mf.key_profile}, "
+          f"registration {mf.registration}: valid")
+
+
+def main() -> None:
+    """Entry point: typer handles usage errors (exit 2); our errors become one line each."""
+    try:
+        app()
+    except ProvlineError as exc:
+        for line in exc.line().splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
