@@ -135,7 +135,8 @@ def ca_init_root(
 
 @ca_app.command("init-intermediate")
 def ca_init_intermediate(
-    out: Annotated[Path, typer.Option("--out", help="Directory for intermediate.cert.pem, chain.pem.")],
+    out: Annotated[Path, typer.Option(
+        "--out", help="Directory for intermediate.cert.pem and chain.pem.")],
     root_cert: Annotated[Path, typer.Option("--root-cert")],
     root_key: Annotated[str, typer.Option("--root-key", help="PKCS#11 URI or PKCS#8 file.")],
     token: TokenOpt,

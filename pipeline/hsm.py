@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote, unquote
 
 import pkcs11
@@ -177,7 +177,7 @@ class P11ECPrivateKey(ec.EllipticCurvePrivateKey):
 class P11RSAPrivateKey(rsa.RSAPrivateKey):
     """An RSA key in the token, PKCS#1 v1.5 signatures hashed inside the token."""
 
-    _MECHANISMS = {
+    _MECHANISMS: ClassVar[dict[str, Mechanism]] = {
         "sha256": Mechanism.SHA256_RSA_PKCS,
         "sha384": Mechanism.SHA384_RSA_PKCS,
         "sha512": Mechanism.SHA512_RSA_PKCS,

@@ -3,7 +3,7 @@ an encrypted PKCS#8 PEM file (an offline root kept outside any HSM)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -20,7 +20,7 @@ class HsmDefaults:
     """What a URI does not say: which module, which PIN, which SoftHSM2 config."""
 
     module: str = hsm.DEFAULT_MODULE
-    pin: SecretRef = SecretRef("env", "PROVLINE_PIN")
+    pin: SecretRef = field(default_factory=lambda: SecretRef("env", "PROVLINE_PIN"))
     softhsm2_conf: str | None = None
 
 

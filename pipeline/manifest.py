@@ -16,12 +16,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError, ValidationFailed
+from .errors import ValidationFailed
 from .keyprofile import PROFILE_NAMES, KeyProfile
-from .yamlfile import Checker, Mapping, load
+from .yamlfile import Checker, Mapping, load, sorted_by_line
 
 REGISTRATION_ID = re.compile(r"^[a-z0-9._:-]*[a-z0-9-]$")
-REGISTRATION_ID_RULE = "DPS registration ID: lowercase a-z 0-9 - . _ :, ends alphanumeric or -, <= 64"
+REGISTRATION_ID_RULE = (
+    "DPS registration ID: lowercase a-z 0-9 - . _ :, ends alphanumeric or -, <= 64"
+)
 DEVICE_ID = re.compile(r"^[A-Za-z0-9\-.%_*?!(),:=@$']{1,128}$")
 DEVICE_ID_RULE = "IoT Hub device ID: <= 128 of A-Z a-z 0-9 - . % _ * ? ! ( ) , : = @ $ '"
 BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -153,7 +155,7 @@ def _build(path: Path, doc: Mapping, devices: list[Device], generators: list[Gen
     if total > MAX_DEVICES:
         check.add(doc.line, f"{total} devices", f"at most {MAX_DEVICES} devices per batch")
     if check.problems:
-        raise ValidationFailed(check.problems)
+        raise ValidationFailed(sorted_by_line(check.problems))
     return Manifest(
         path=path, batch_id=batch_id, product=check.typed(doc, "product", str, ""),
         key_profile=profile, validity_days=validity, registration=mode,
@@ -300,8 +302,8 @@ def _check_duplicates(devices: list[Device], generators: list[Generator],
                 check.problems.append(
                     f"{dev.source}: {dev.registration_id}: duplicate {what}, first at "
                     f"{table[key]} (unique within the batch)")
-            else:
-                table[key] = dev.source
+                break  # one line per device is enough
+            table[key] = dev.source
     for i, gen in enumerate(generators):
         for other in generators[:i]:
             small, large = sorted((gen, other), key=lambda g: g.count)

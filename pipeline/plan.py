@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 from cryptography import x509
@@ -45,7 +46,7 @@ def load_chain(station: Station) -> Chain:
         if not ca.is_ca(cert):
             raise InputError(f"{cert.subject.rfc4514_string()} is not a CA", where=where,
                              rule="chain holds CA certificates")
-    for child, parent in zip(certs, certs[1:], strict=False):
+    for child, parent in pairwise(certs):
         try:
             child.verify_directly_issued_by(parent)
         except (ValueError, TypeError, InvalidSignature) as exc:

@@ -37,7 +37,9 @@ class SecretRef:
     def problem(self) -> str | None:
         """Why the secret cannot be read now, or None when it can."""
         if self.kind == "env":
-            return None if os.environ.get(self.name) else f"environment variable {self.name} is not set"
+            if os.environ.get(self.name):
+                return None
+            return f"environment variable {self.name} is not set"
         path = Path(self.name)
         if not path.is_file():
             return f"secret file {path} does not exist"

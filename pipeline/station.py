@@ -11,7 +11,7 @@ from .errors import InputError, ValidationFailed
 from .hsm import DEFAULT_MODULE, Pkcs11Uri
 from .keyprofile import PROFILE_NAMES, KeyProfile
 from .secret import SecretRef
-from .yamlfile import Checker, Mapping, load
+from .yamlfile import Checker, Mapping, load, sorted_by_line
 
 
 class Custody(StrEnum):
@@ -204,7 +204,7 @@ def load_station(path: Path) -> Station:
 
     output = check.typed(doc, "output", str, "")
     if check.problems:
-        raise ValidationFailed(check.problems)
+        raise ValidationFailed(sorted_by_line(check.problems))
     return Station(
         path=path, name=name, hsm=hsm, ca=ca, custody=custody, audit=audit,
         output=rel(output) or Path(), key_profiles=tuple(profiles), workers=workers,

@@ -68,6 +68,17 @@ def load(path: Path) -> tuple[Mapping, list[str]]:
     return doc, problems
 
 
+def sorted_by_line(problems: list[str]) -> list[str]:
+    """Problems in file order, so an operator can fix them top to bottom."""
+
+    def key(problem: str) -> tuple[str, int]:
+        path, _, rest = problem.partition(":")
+        line = rest.split(":", 1)[0]
+        return path, int(line) if line.isdigit() else 0
+
+    return sorted(problems, key=key)
+
+
 class Checker:
     """Collects every problem in one file as ``file:line: [subject: ]what (rule)``."""
 
