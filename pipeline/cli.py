@@ -299,6 +299,56 @@ def validate_cmd(
           f"registration {mf.registration}: valid")
 
 
+@app.command("run")
+def run_cmd(
+    manifest: Annotated[Path, typer.Argument(help="Manifest (YAML or CSV).")],
+    station: Annotated[Path, typer.Option("--station", help="Station config (YAML).")],
+    batch_id: Annotated[str | None, typer.Option("--batch-id", help="Override the batch id.")]
+        = None,
+    workers: Annotated[int | None, typer.Option("--workers", min=1, max=64,
+                                                help="Worker processes (default: station).")]
+        = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print report.json to stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress output.")] = False,
+) -> None:
+    """Run a batch, or resume it if its batch directory already has a journal."""
+    from .manifest import load_manifest
+    from .progress import for_terminal
+    from .report import summary
+    from .run import run_batch
+    from .station import load_station
+
+    st = load_station(station)
+    mf = load_manifest(manifest, batch_id=batch_id)
+    result = run_batch(mf, st, progress=for_terminal(quiet or as_json), workers=workers)
+    if as_json:
+        print(json.dumps(result.report, indent=2, sort_keys=True, default=str))
+    else:
+        print(summary(result.report), end="")
+        print(f"output: {result.batch_dir}")
+    raise typer.Exit(result.exit_code)
+
+
+@app.command("status")
+def status_cmd(
+    batch_dir: Annotated[Path, typer.Argument(help="A batch directory (has journal.sqlite).")],
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Counts per state of a batch, from its journal (read-only)."""
+    from .journal import Journal
+
+    journal = Journal.open(batch_dir, create=False)
+    meta = journal.meta()
+    info: dict[str, object] = {
+        "batch_id": meta.get("batch_id", "?"),
+        "devices": journal.total(),
+        **{f"devices.{k}": v for k, v in sorted(journal.counts().items())},
+        **{f"serials.{k}": v for k, v in sorted(journal.serial_counts().items())},
+    }
+    journal.close()
+    _emit(info, as_json)
+
+
 def main() -> None:
     """Entry point: typer handles usage errors (exit 2); our errors become one line each."""
     try:

@@ -1,0 +1,168 @@
+"""Device key custody (design.md "Key custody"): who holds a device's private key.
+
+* ``wrapped``: key pair made as session objects, the private key wrapped in the HSM under the
+  station transport key (CKM_AES_KEY_WRAP_PAD), both halves destroyed. Only the wrapped blob
+  leaves the HSM.
+* ``retain``: token objects, never extractable, label = registration ID, CKA_ID = SHA-1 of
+  the public key; the bundle names the key by PKCS#11 URI.
+* ``pkcs8``: development only. A software key in an encrypted PKCS#8 PEM (and PKCS#12).
+
+Each maker runs inside one worker process and uses that process's token session.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.serialization import pkcs12
+from pkcs11 import Attribute, ObjectClass
+
+from . import hsm
+from .ca import PublicKey
+from .errors import InputError
+from .keyprofile import KeyProfile
+from .station import Custody, CustodyConfig
+
+
+@dataclass
+class DeviceKey:
+    public: PublicKey
+    files: dict[str, bytes] = field(default_factory=dict)  # private files of the bundle
+    reference: dict[str, Any] = field(default_factory=dict)  # goes into device.json
+    generated: bool = True  # False when an existing token key was reused
+    # Called once the certificate exists (PKCS#12 needs it); returns more private files.
+    with_certificate: Any = None
+
+
+class KeyMaker(Protocol):
+    def make(self, registration_id: str) -> DeviceKey: ...
+
+
+class WrappedKeys:
+    def __init__(self, token: hsm.Token, profile: KeyProfile, transport: hsm.Pkcs11Uri) -> None:
+        self._token = token
+        self._profile = profile
+        self._kek = token.find(ObjectClass.SECRET_KEY, label=transport.object,
+                               key_id=transport.id)
+        self._reference = {
+            "custody": "wrapped",
+            "file": "device.key.wrapped",
+            "format": "PKCS#8 PrivateKeyInfo wrapped with CKM_AES_KEY_WRAP_PAD (RFC 5649)",
+            "transport_key": str(transport),
+            "transport_key_check_value": hsm.check_value(self._kek),
+        }
+
+    def make(self, registration_id: str) -> DeviceKey:
+        public_obj, private_obj = self._token.generate_keypair(
+            self._profile, persistent=False, wrappable=True)
+        try:
+            blob = self._token.wrap(self._kek, private_obj)
+            public = hsm.public_key_of(public_obj)
+        finally:
+            private_obj.destroy()
+            public_obj.destroy()
+        return DeviceKey(public, {"device.key.wrapped": blob}, dict(self._reference))
+
+
+class RetainedKeys:
+    """Token keys. The index of existing labels is built once (lookups are O(objects) on
+    SoftHSM2), so a key generated before a crash but never certified is reused."""
+
+    def __init__(self, token: hsm.Token, profile: KeyProfile, wanted: set[str] | None = None
+                 ) -> None:
+        self._token = token
+        self._profile = profile
+        self._existing: dict[str, tuple[Any, Any]] = {}
+        publics = {o.label: o for o in token.objects(ObjectClass.PUBLIC_KEY) if o.label}
+        for private in token.objects(ObjectClass.PRIVATE_KEY):
+            label = private.label
+            if label and label in publics and (wanted is None or label in wanted):
+                self._existing[label] = (private, publics[label])
+
+    def make(self, registration_id: str) -> DeviceKey:
+        found = self._existing.pop(registration_id, None)
+        if found:
+            private_obj, public_obj = found
+            public = hsm.public_key_of(public_obj)
+            generated = False
+        else:
+            public_obj, private_obj = self._token.generate_keypair(
+                self._profile, label=registration_id, persistent=True)
+            public = hsm.public_key_of(public_obj)
+            generated = True
+        key_id = hsm.key_id_for(public)
+        if private_obj[Attribute.ID] != key_id:
+            for obj in (public_obj, private_obj):
+                obj[Attribute.ID] = key_id
+        uri = hsm.Pkcs11Uri(token=self._token.label, object=registration_id, id=key_id,
+                            type="private")
+        return DeviceKey(public, {}, {"custody": "retain", "uri": str(uri)}, generated)
+
+
+class Pkcs8Keys:
+    """Development only: the private key exists in software, outside any HSM."""
+
+    def __init__(self, profile: KeyProfile, passphrase: str, with_pkcs12: bool) -> None:
+        self._profile = profile
+        self._encryption = serialization.BestAvailableEncryption(passphrase.encode())
+        self._pkcs12 = with_pkcs12
+        self._passphrase = passphrase.encode()
+
+    def make(self, registration_id: str) -> DeviceKey:
+        key = self._profile.generate_software_key()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                self._encryption)
+        reference = {"custody": "pkcs8", "file": "device.key.pem",
+                     "format": "encrypted PKCS#8 PEM"}
+        extra = None
+        if self._pkcs12:
+            reference["pkcs12"] = "device.pfx"
+
+            def extra(cert: Any, chain: list[Any]) -> dict[str, bytes]:
+                pfx = pkcs12.serialize_key_and_certificates(
+                    registration_id.encode(), key, cert, chain,
+                    serialization.BestAvailableEncryption(self._passphrase))
+                return {"device.pfx": pfx}
+
+        return DeviceKey(key.public_key(), {"device.key.pem": pem}, reference,
+                         with_certificate=extra)
+
+
+def warn_pkcs8() -> None:
+    print("WARNING: custody policy pkcs8 is for development only: device private keys are "
+          "generated in software and written to disk (encrypted).", file=sys.stderr)
+
+
+def key_maker(config: CustodyConfig, token: hsm.Token, profile: KeyProfile,
+              passphrase: str | None, wanted: set[str] | None = None) -> KeyMaker:
+    if config.policy is Custody.WRAPPED:
+        assert config.transport_key is not None
+        return WrappedKeys(token, profile, config.transport_key)
+    if config.policy is Custody.RETAIN:
+        return RetainedKeys(token, profile, wanted)
+    if passphrase is None:
+        raise InputError("pkcs8 custody needs a passphrase", rule="custody.pkcs8_passphrase")
+    return Pkcs8Keys(profile, passphrase, config.pkcs12)
+
+
+def remove_orphans(token: hsm.Token) -> list[dict[str, str]]:
+    """Destroy what a crash inside C_GenerateKeyPair leaves behind on SoftHSM2: key halves
+    whose partner is missing and key objects with no label. The station token is provline's
+    own, so an unlabelled key object cannot be anyone else's."""
+    publics = token.objects(ObjectClass.PUBLIC_KEY)
+    privates = token.objects(ObjectClass.PRIVATE_KEY)
+    public_labels = {o.label for o in publics if o.label}
+    private_labels = {o.label for o in privates if o.label}
+    removed = []
+    for kind, other, objects, partners in (("public", "private", publics, private_labels),
+                                           ("private", "public", privates, public_labels)):
+        for obj in objects:
+            label = obj.label
+            if not label or label not in partners:
+                removed.append({"object": kind, "label": label or "",
+                                "why": f"no {other} half" if label else "no label"})
+                obj.destroy()
+    return removed

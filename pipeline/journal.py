@@ -1,0 +1,243 @@
+"""The batch journal: ``journal.sqlite`` in the batch directory, the source of truth for resume.
+
+Devices move planned → intent → bundled (→ registered | conflict | failed later). Every
+certificate serial is recorded as an *intent* (committed) before it is signed, and ends
+``issued`` (its bundle is durable), ``void`` (it may have been signed but its bundle is not
+durable: list it for revocation) or ``unused`` (the worker proved it was never signed).
+
+The journal is written only by the orchestrating process, one transaction per chunk, in WAL
+mode with synchronous=FULL: a committed chunk survives a crash or power loss.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+JOURNAL_NAME = "journal.sqlite"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    idx INTEGER PRIMARY KEY,
+    registration_id TEXT NOT NULL UNIQUE,
+    device_id TEXT NOT NULL UNIQUE,
+    extra TEXT NOT NULL,            -- JSON: tags, desired properties
+    state TEXT NOT NULL,            -- planned | intent | bundled | registered | conflict | failed
+    serial TEXT,                    -- hex serial of the current certificate
+    detail TEXT,                    -- JSON: thumbprints, key reference, reason of a failure
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS devices_state ON devices(state, idx);
+CREATE TABLE IF NOT EXISTS serials (
+    serial TEXT PRIMARY KEY,
+    registration_id TEXT NOT NULL,
+    state TEXT NOT NULL,            -- intent | issued | void | unused
+    reason TEXT,
+    updated REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS serials_state ON serials(state);
+"""
+
+
+@dataclass(frozen=True)
+class PendingDevice:
+    idx: int
+    registration_id: str
+    device_id: str
+    extra: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Issued:
+    """What a worker reports for one device whose bundle is durable."""
+
+    registration_id: str
+    serial: str
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NotIssued:
+    registration_id: str
+    serial: str
+    signed: bool  # the certificate may exist: void it; otherwise the serial is unused
+    reason: str
+
+
+class Journal:
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self._db = conn
+
+    # -- opening ---------------------------------------------------------------------
+    @classmethod
+    def open(cls, batch_dir: Path, *, create: bool) -> Journal:
+        path = batch_dir / JOURNAL_NAME
+        if not create and not path.exists():
+            raise InputError(f"{batch_dir} has no {JOURNAL_NAME}", rule="a batch directory")
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(_SCHEMA)
+        return cls(path, conn)
+
+    @staticmethod
+    def exists(batch_dir: Path) -> bool:
+        return (batch_dir / JOURNAL_NAME).exists()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def meta(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT key, value FROM meta"))
+
+    def set_meta(self, values: dict[str, str]) -> None:
+        with self._tx():
+            self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
+
+    # -- planning ----------------------------------------------------------------------
+    def plan(self, devices: Iterable[tuple[str, str, dict[str, Any]]], batch: int = 5000) -> int:
+        """Insert devices as ``planned`` in manifest order; streams, one commit per batch."""
+        now = time.time()
+        total = 0
+        rows: list[tuple[int, str, str, str, float]] = []
+        for idx, (rid, did, extra) in enumerate(devices):
+            rows.append((idx, rid, did, json.dumps(extra, sort_keys=True), now))
+            if len(rows) >= batch:
+                total += self._insert_planned(rows)
+                rows = []
+        total += self._insert_planned(rows)
+        self.set_meta({"planned": "complete"})
+        return total
+
+    def _insert_planned(self, rows: list[tuple[int, str, str, str, float]]) -> int:
+        if rows:
+            with self._tx():
+                self._db.executemany(
+                    "INSERT INTO devices (idx, registration_id, device_id, extra, state, updated)"
+                    " VALUES (?, ?, ?, ?, 'planned', ?)", rows)
+        return len(rows)
+
+    def discard_plan(self) -> None:
+        """Forget a plan that a crash interrupted (only ever before the first intent)."""
+        with self._tx():
+            if self._db.execute("SELECT COUNT(*) FROM serials").fetchone()[0]:
+                raise InputError(f"{self.path}: serials exist but the plan is incomplete",
+                                 rule="journal consistency")
+            self._db.execute("DELETE FROM devices")
+
+    def pending(self, chunk_size: int) -> Iterator[list[PendingDevice]]:
+        """Chunks of ``planned`` devices in manifest order, read lazily."""
+        last = -1
+        while True:
+            rows = self._db.execute(
+                "SELECT idx, registration_id, device_id, extra FROM devices "
+                "WHERE state = 'planned' AND idx > ? ORDER BY idx LIMIT ?",
+                (last, chunk_size)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield [PendingDevice(i, r, d, json.loads(e)) for i, r, d, e in rows]
+
+    # -- issuance ---------------------------------------------------------------------
+    def record_intents(self, pairs: list[tuple[str, str]]) -> None:
+        """(registration_id, serial) pairs become intents, durably, before any is signed."""
+        now = time.time()
+        with self._tx():
+            self._db.executemany(
+                "INSERT INTO serials (serial, registration_id, state, updated) "
+                "VALUES (?, ?, 'intent', ?)", [(s, r, now) for r, s in pairs])
+            self._db.executemany(
+                "UPDATE devices SET state = 'intent', serial = ?, updated = ? "
+                "WHERE registration_id = ?", [(s, now, r) for r, s in pairs])
+
+    def record_results(self, issued: list[Issued], not_issued: list[NotIssued]) -> None:
+        now = time.time()
+        with self._tx():
+            self._db.executemany(
+                "UPDATE serials SET state = 'issued', updated = ? WHERE serial = ?",
+                [(now, i.serial) for i in issued])
+            self._db.executemany(
+                "UPDATE devices SET state = 'bundled', detail = ?, updated = ? "
+                "WHERE registration_id = ?",
+                [(json.dumps(i.detail, sort_keys=True), now, i.registration_id) for i in issued])
+            self._db.executemany(
+                "UPDATE serials SET state = ?, reason = ?, updated = ? WHERE serial = ?",
+                [("void" if n.signed else "unused", n.reason, now, n.serial)
+                 for n in not_issued])
+            self._db.executemany(
+                "UPDATE devices SET state = 'failed', detail = ?, updated = ? "
+                "WHERE registration_id = ?",
+                [(json.dumps({"reason": n.reason}), now, n.registration_id) for n in not_issued])
+
+    def void_dangling(self, reason: str) -> list[tuple[str, str]]:
+        """Resume: intents with no durable bundle are voided and their devices planned again.
+        Returns the (registration_id, serial) pairs voided."""
+        now = time.time()
+        with self._tx():
+            dangling = self._db.execute(
+                "SELECT registration_id, serial FROM devices WHERE state = 'intent'").fetchall()
+            self._db.executemany(
+                "UPDATE serials SET state = 'void', reason = ?, updated = ? WHERE serial = ?",
+                [(reason, now, s) for _, s in dangling])
+            self._db.execute("UPDATE devices SET state = 'planned', serial = NULL, updated = ? "
+                             "WHERE state = 'intent'", (now,))
+        return [(r, s) for r, s in dangling]
+
+    def retry_failed(self) -> int:
+        """Failed devices get another chance on the next run."""
+        with self._tx():
+            cur = self._db.execute("UPDATE devices SET state = 'planned', serial = NULL "
+                                   "WHERE state = 'failed'")
+        return cur.rowcount
+
+    # -- reading ----------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT state, COUNT(*) FROM devices GROUP BY state"))
+
+    def serial_counts(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT state, COUNT(*) FROM serials GROUP BY state"))
+
+    def voids(self) -> list[dict[str, str]]:
+        return [{"registration_id": r, "serial": s, "reason": why or ""} for r, s, why in
+                self._db.execute("SELECT registration_id, serial, reason FROM serials "
+                                 "WHERE state = 'void' ORDER BY updated, serial")]
+
+    def failures(self, limit: int = 1000) -> list[dict[str, str]]:
+        return [{"registration_id": r, "reason": json.loads(d or "{}").get("reason", "")}
+                for r, d in self._db.execute(
+                    "SELECT registration_id, detail FROM devices WHERE state IN "
+                    "('failed', 'conflict') ORDER BY idx LIMIT ?", (limit,))]
+
+    def registration_ids(self, states: tuple[str, ...]) -> Iterator[str]:
+        marks = ",".join("?" * len(states))
+        for (rid,) in self._db.execute(
+                f"SELECT registration_id FROM devices WHERE state IN ({marks}) ORDER BY idx",
+                states):
+            yield rid
+
+    def total(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM devices").fetchone()[0])
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        self._db.execute("ROLLBACK" if kind else "COMMIT")
