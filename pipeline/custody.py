@@ -38,7 +38,9 @@ class DeviceKey:
 
 
 class KeyMaker(Protocol):
-    def make(self, registration_id: str) -> DeviceKey: ...
+    def make(self, registration_id: str, may_exist: bool) -> DeviceKey:
+        """The device's key; ``may_exist`` when an earlier run may have made it already."""
+        ...
 
 
 class WrappedKeys:
@@ -55,7 +57,7 @@ class WrappedKeys:
             "transport_key_check_value": hsm.check_value(self._kek),
         }
 
-    def make(self, registration_id: str) -> DeviceKey:
+    def make(self, registration_id: str, may_exist: bool) -> DeviceKey:
         public_obj, private_obj = self._token.generate_keypair(
             self._profile, persistent=False, wrappable=True)
         try:
@@ -68,38 +70,39 @@ class WrappedKeys:
 
 
 class RetainedKeys:
-    """Token keys. The index of existing labels is built once (lookups are O(objects) on
-    SoftHSM2), so a key generated before a crash but never certified is reused."""
+    """Token keys labelled with the registration ID. A key an earlier run generated but never
+    certified is found by label and reused (lookups are O(objects) on SoftHSM2, so only devices
+    the journal says were attempted before are looked up)."""
 
-    def __init__(self, token: hsm.Token, profile: KeyProfile, wanted: set[str] | None = None
-                 ) -> None:
+    def __init__(self, token: hsm.Token, profile: KeyProfile) -> None:
         self._token = token
         self._profile = profile
-        self._existing: dict[str, tuple[Any, Any]] = {}
-        publics = {o.label: o for o in token.objects(ObjectClass.PUBLIC_KEY) if o.label}
-        for private in token.objects(ObjectClass.PRIVATE_KEY):
-            label = private.label
-            if label and label in publics and (wanted is None or label in wanted):
-                self._existing[label] = (private, publics[label])
 
-    def make(self, registration_id: str) -> DeviceKey:
-        found = self._existing.pop(registration_id, None)
+    def _existing(self, label: str) -> tuple[Any, Any] | None:
+        halves = {o.object_class: o for o in self._token.session.get_objects(
+            {Attribute.LABEL: label}) if o.object_class in (ObjectClass.PRIVATE_KEY,
+                                                            ObjectClass.PUBLIC_KEY)}
+        if len(halves) == 2:
+            return halves[ObjectClass.PRIVATE_KEY], halves[ObjectClass.PUBLIC_KEY]
+        for obj in halves.values():  # half a pair cannot be certified: start again
+            obj.destroy()
+        return None
+
+    def make(self, registration_id: str, may_exist: bool) -> DeviceKey:
+        found = self._existing(registration_id) if may_exist else None
         if found:
             private_obj, public_obj = found
-            public = hsm.public_key_of(public_obj)
-            generated = False
         else:
             public_obj, private_obj = self._token.generate_keypair(
                 self._profile, label=registration_id, persistent=True)
-            public = hsm.public_key_of(public_obj)
-            generated = True
+        public = hsm.public_key_of(public_obj)
         key_id = hsm.key_id_for(public)
-        if private_obj[Attribute.ID] != key_id:
+        if found is None or private_obj[Attribute.ID] != key_id:
             for obj in (public_obj, private_obj):
                 obj[Attribute.ID] = key_id
         uri = hsm.Pkcs11Uri(token=self._token.label, object=registration_id, id=key_id,
                             type="private")
-        return DeviceKey(public, {}, {"custody": "retain", "uri": str(uri)}, generated)
+        return DeviceKey(public, {}, {"custody": "retain", "uri": str(uri)}, found is None)
 
 
 class Pkcs8Keys:
@@ -111,7 +114,7 @@ class Pkcs8Keys:
         self._pkcs12 = with_pkcs12
         self._passphrase = passphrase.encode()
 
-    def make(self, registration_id: str) -> DeviceKey:
+    def make(self, registration_id: str, may_exist: bool) -> DeviceKey:
         key = self._profile.generate_software_key()
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                 self._encryption)
@@ -137,12 +140,12 @@ def warn_pkcs8() -> None:
 
 
 def key_maker(config: CustodyConfig, token: hsm.Token, profile: KeyProfile,
-              passphrase: str | None, wanted: set[str] | None = None) -> KeyMaker:
+              passphrase: str | None) -> KeyMaker:
     if config.policy is Custody.WRAPPED:
         assert config.transport_key is not None
         return WrappedKeys(token, profile, config.transport_key)
     if config.policy is Custody.RETAIN:
-        return RetainedKeys(token, profile, wanted)
+        return RetainedKeys(token, profile)
     if passphrase is None:
         raise InputError("pkcs8 custody needs a passphrase", rule="custody.pkcs8_passphrase")
     return Pkcs8Keys(profile, passphrase, config.pkcs12)

@@ -42,6 +42,7 @@ class ChunkItem:
     device_id: str
     serial: str  # hex
     extra: dict[str, Any]
+    retry: bool = False
 
 
 @dataclass
@@ -93,7 +94,7 @@ def issue_chunk(items: list[ChunkItem]) -> ChunkResult:
         signed = False
         try:
             t0 = clock()
-            key = w.keys.make(item.registration_id)
+            key = w.keys.make(item.registration_id, item.retry)
             t1 = clock()
             cert = ca.build_leaf(key.public, item.registration_id, w.issuer,
                                  serial=int(item.serial, 16),

@@ -11,7 +11,9 @@ mode with synchronous=FULL: a committed chunk survives a crash or power loss.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -45,6 +47,7 @@ CREATE TABLE IF NOT EXISTS serials (
     updated REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS serials_state ON serials(state);
+CREATE INDEX IF NOT EXISTS serials_device ON serials(registration_id);
 """
 
 
@@ -54,6 +57,7 @@ class PendingDevice:
     registration_id: str
     device_id: str
     extra: dict[str, Any]
+    retry: bool  # a serial was planned for it before: a retained key may already exist
 
 
 @dataclass(frozen=True)
@@ -74,21 +78,25 @@ class NotIssued:
 
 
 class Journal:
-    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+    def __init__(self, path: Path, conn: sqlite3.Connection, lock: int | None) -> None:
         self.path = path
         self._db = conn
+        self._lock = lock
 
     # -- opening ---------------------------------------------------------------------
     @classmethod
     def open(cls, batch_dir: Path, *, create: bool) -> Journal:
+        """``create`` opens for writing: it takes the batch lock (one run per batch at a
+        time; the kernel drops it when the process dies, kill -9 included)."""
         path = batch_dir / JOURNAL_NAME
         if not create and not path.exists():
             raise InputError(f"{batch_dir} has no {JOURNAL_NAME}", rule="a batch directory")
+        lock = _lock(batch_dir) if create else None
         conn = sqlite3.connect(path, isolation_level=None, timeout=30)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.executescript(_SCHEMA)
-        return cls(path, conn)
+        return cls(path, conn, lock)
 
     @staticmethod
     def exists(batch_dir: Path) -> bool:
@@ -96,6 +104,9 @@ class Journal:
 
     def close(self) -> None:
         self._db.close()
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def meta(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT key, value FROM meta"))
@@ -140,13 +151,14 @@ class Journal:
         last = -1
         while True:
             rows = self._db.execute(
-                "SELECT idx, registration_id, device_id, extra FROM devices "
+                "SELECT idx, registration_id, device_id, extra, EXISTS (SELECT 1 FROM serials "
+                "s WHERE s.registration_id = d.registration_id) FROM devices d "
                 "WHERE state = 'planned' AND idx > ? ORDER BY idx LIMIT ?",
                 (last, chunk_size)).fetchall()
             if not rows:
                 return
             last = rows[-1][0]
-            yield [PendingDevice(i, r, d, json.loads(e)) for i, r, d, e in rows]
+            yield [PendingDevice(i, r, d, json.loads(e), bool(x)) for i, r, d, e, x in rows]
 
     # -- issuance ---------------------------------------------------------------------
     def record_intents(self, pairs: list[tuple[str, str]]) -> None:
@@ -230,6 +242,17 @@ class Journal:
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)
+
+
+def _lock(batch_dir: Path) -> int:
+    fd = os.open(batch_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise InputError(f"{batch_dir} is being run by another process",
+                         rule="one run per batch at a time") from exc
+    return fd
 
 
 class _Transaction:

@@ -61,7 +61,7 @@ class Lines:
             self._print(f"{stage}: {int(s[1])}/{int(s[0])} ({rate:.0f} devices/s)")
 
     def finish(self, stage: str) -> None:
-        total, done, started, _ = self._stages[stage]
+        _, done, started, _ = self._stages[stage]
         took = time.monotonic() - started
         self._print(f"{stage}: done, {int(done)} devices in {took:.1f}s "
                     f"({done / max(took, 1e-9):.0f} devices/s)")

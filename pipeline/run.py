@@ -241,7 +241,8 @@ def _issue(ctx: _Context, journal: Journal, audit: AuditLog, progress: ProgressS
             inflight: deque[Future[ChunkResult]] = deque()
             for chunk in journal.pending(chunk_size):
                 items = [ChunkItem(d.registration_id, d.device_id,
-                                   format(ca.random_serial(), "X"), d.extra) for d in chunk]
+                                   format(ca.random_serial(), "X"), d.extra, d.retry)
+                         for d in chunk]
                 journal.record_intents([(i.registration_id, i.serial) for i in items])
                 for i in items:
                     audit.append("intent", i.registration_id, {"serial": i.serial})

@@ -105,7 +105,7 @@ def test_wrapped_session_key_unwraps_to_the_matching_private_key(hsm_env: Hsm) -
     token = _token(hsm_env)
     # Test-only: an extractable AES key whose value the test can read to unwrap.
     kek = token.session.generate_key(
-        KeyType.AES, 256, label="test-kek", store=False,
+        KeyType.AES, 256, label="hsm-test-kek", store=False,
         capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
         template={Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True})
     public_obj, private_obj = token.generate_keypair(KeyProfile.EC_P256, persistent=False,
