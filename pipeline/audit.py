@@ -20,6 +20,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,13 @@ SEAL_NAME = "audit.jsonl.p7s"
 GENESIS = "0" * 64
 
 
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def encode(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """Fields in a fixed order (seq, time, event, registration_id, data, prev); the hash
+    chain covers the bytes, so verification never re-serialises."""
+    return _encoder.encode(record).encode()
 
 
 def _now() -> str:
@@ -52,22 +58,33 @@ class AuditLog:
         self.seq, self.prev, self.torn_bytes = _tail(path)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         self._pending: list[bytes] = []
+        self.seconds = 0.0  # time spent logging and sealing, for the report
 
     def append(self, event: str, registration_id: str | None = None,
                data: dict[str, Any] | None = None) -> None:
-        self.seq += 1
-        line = encode({"seq": self.seq, "time": _now(), "event": event,
-                       "registration_id": registration_id, "data": data or {},
-                       "prev": self.prev})
-        self.prev = hashlib.sha256(line).hexdigest()
-        self._pending.append(line + b"\n")
+        self.extend([(event, registration_id, data or {})])
+
+    def extend(self, events: list[tuple[str, str | None, dict[str, Any]]]) -> None:
+        """Append several events; they share one timestamp (they happen together)."""
+        started = time.perf_counter()
+        now = _now()
+        for event, registration_id, data in events:
+            self.seq += 1
+            line = encode({"seq": self.seq, "time": now, "event": event,
+                           "registration_id": registration_id, "data": data,
+                           "prev": self.prev})
+            self.prev = hashlib.sha256(line).hexdigest()
+            self._pending.append(line + b"\n")
+        self.seconds += time.perf_counter() - started
 
     def flush(self, *, sync: bool = True) -> None:
+        started = time.perf_counter()
         if self._pending:
             os.write(self._fd, b"".join(self._pending))
             self._pending.clear()
         if sync:
             os.fsync(self._fd)
+        self.seconds += time.perf_counter() - started
 
     def close(self) -> None:
         self.flush()
@@ -77,6 +94,7 @@ class AuditLog:
              chain: list[x509.Certificate]) -> Path:
         """Sign the whole log (detached CMS, DER) with the HSM-held audit key."""
         self.flush()
+        started = time.perf_counter()
         data = self.path.read_bytes()
         builder = pkcs7.PKCS7SignatureBuilder().set_data(data).add_signer(
             cert, signer, signing_hash(signer))  # type: ignore[arg-type]
@@ -87,6 +105,7 @@ class AuditLog:
                            [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Binary])
         out = self.path.with_name(SEAL_NAME)
         write_atomic(out, der, fsync=True)
+        self.seconds += time.perf_counter() - started
         return out
 
 

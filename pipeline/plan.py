@@ -93,6 +93,8 @@ def check_inputs(manifest: Manifest, station: Station,
     if station.custody.policy is Custody.WRAPPED and station.custody.transport_key is None:
         problems.append(f"{station.path}: wrapped custody needs custody.transport_key (schema)")
     if manifest.registration is not RegistrationMode.NONE:
+        problems.append(f"{where}: registration {manifest.registration} is not available in "
+                        "this version (registration: none; the DPS stage is not built yet)")
         dps = station.dps
         if dps.emulator_dir is None and (
             dps.service_endpoint is None or dps.connection_string is None

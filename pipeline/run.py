@@ -85,6 +85,7 @@ def run_batch(manifest: Manifest, station: Station, *, progress: ProgressSink | 
         sealed = _seal(ctx, audit, progress)
         stages["seal"] = {"seconds": time.monotonic() - clock, "sealed": sealed}
         audit.close()
+        stages["audit"] = {"seconds": audit.seconds}
         report = build_report(ctx.manifest, ctx.station, journal, stages, resumed=resumed,
                               this_run=totals, aborted=aborted)
         write_report(ctx.batch_dir, report)
@@ -213,19 +214,20 @@ def _issue(ctx: _Context, journal: Journal, audit: AuditLog, progress: ProgressS
 
     def collect(future: Future[ChunkResult]) -> None:
         result = future.result()
+        events: list[tuple[str, str | None, dict[str, Any]]] = []
         for item in result.issued:
             d = item.detail
-            audit.append("key", item.registration_id, {
-                "public_key_sha256": d["public_key_sha256"], "generated": d["key_generated"],
-                "custody": d["key"]["custody"]})
-            audit.append("issued", item.registration_id, {
-                "serial": item.serial, "sha256_thumbprint": d["sha256_thumbprint"]})
-            audit.append("bundle", item.registration_id, {"files": d["files"]})
+            # One event per device: its key, its certificate and its durable bundle.
+            events.append(("issued", item.registration_id, {
+                "serial": item.serial, "sha256_thumbprint": d["sha256_thumbprint"],
+                "public_key_sha256": d["public_key_sha256"], "key_generated": d["key_generated"],
+                "custody": d["key"]["custody"], "files": d["files"]}))
         for failed in result.not_issued:
-            audit.append("failed", failed.registration_id, {"serial": failed.serial,
-                                                           "reason": failed.reason})
-            audit.append("void" if failed.signed else "unused", failed.registration_id,
-                         {"serial": failed.serial, "reason": failed.reason})
+            events.append(("failed", failed.registration_id, {"serial": failed.serial,
+                                                              "reason": failed.reason}))
+            events.append(("void" if failed.signed else "unused", failed.registration_id,
+                           {"serial": failed.serial, "reason": failed.reason}))
+        audit.extend(events)
         audit.flush()
         journal.record_results(result.issued, result.not_issued)
         for key, value in result.seconds.items():
@@ -244,8 +246,8 @@ def _issue(ctx: _Context, journal: Journal, audit: AuditLog, progress: ProgressS
                                    format(ca.random_serial(), "X"), d.extra, d.retry)
                          for d in chunk]
                 journal.record_intents([(i.registration_id, i.serial) for i in items])
-                for i in items:
-                    audit.append("intent", i.registration_id, {"serial": i.serial})
+                audit.extend([("intent", i.registration_id, {"serial": i.serial})
+                              for i in items])
                 audit.flush()
                 inflight.append(pool.submit(issue_chunk, items))
                 while len(inflight) >= 2 * workers:

@@ -78,6 +78,13 @@ class Station:
     dps: DpsConfig = field(default_factory=DpsConfig)
 
 
+def default_chunk_size(policy: Custody) -> int:
+    """Devices per chunk (one filesystem sync and two journal commits each). Token keygen
+    runs at tens of keys/s per worker, so retain chunks are small to keep workers balanced
+    at the end of a batch; the CPU-bound custodies take large ones to amortise the syncs."""
+    return 32 if policy is Custody.RETAIN else 256
+
+
 _TOP = {"station", "hsm", "ca", "custody", "audit", "output", "key_profiles", "workers",
         "chunk_size", "dps"}
 _DPS = {"emulator_dir", "service_endpoint", "device_endpoint", "id_scope", "connection_string",
@@ -177,7 +184,7 @@ def load_station(path: Path) -> Station:
                       f"one of {', '.join(PROFILE_NAMES)}")
 
     workers = check.typed(doc, "workers", int, 2)
-    chunk = check.typed(doc, "chunk_size", int, 256)
+    chunk = check.typed(doc, "chunk_size", int, default_chunk_size(policy))
     for key, value, low, high in (("workers", workers, 1, 64), ("chunk_size", chunk, 1, 10000)):
         if not low <= value <= high:
             check.add(doc.line_of(key), f"{key} {value} is outside {low}..{high}", "schema")

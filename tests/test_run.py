@@ -260,8 +260,8 @@ def test_resume_voids_undurable_intents_and_reuses_retained_keys(
     same_key = new_cert.public_key() == old_cert.public_key()
     assert same_key is (custody == "retain")
     events = [json.loads(line) for line in (first.batch_dir / "audit.jsonl").open()]
-    key_events = [e for e in events if e["event"] == "key" and e["registration_id"] == rid]
-    assert [e["data"]["generated"] for e in key_events] == [True, custody != "retain"]
+    issued = [e for e in events if e["event"] == "issued" and e["registration_id"] == rid]
+    assert [e["data"]["key_generated"] for e in issued] == [True, custody != "retain"]
     assert any(e["event"] == "void" and e["data"]["serial"] == old_serial for e in events)
 
 
