@@ -26,8 +26,10 @@ app = typer.Typer(
 hsm_app = typer.Typer(help="Set up PKCS#11 tokens.", no_args_is_help=True)
 ca_app = typer.Typer(help="The CA hierarchy: root, intermediate, PoP, transport and audit keys.",
                      no_args_is_help=True)
+audit_app = typer.Typer(help="Verify a batch's signed audit log offline.", no_args_is_help=True)
 app.add_typer(hsm_app, name="hsm")
 app.add_typer(ca_app, name="ca")
+app.add_typer(audit_app, name="audit")
 
 # Options shared by every command that opens a token. Secrets are named by source only.
 ModuleOpt = Annotated[str, typer.Option(
@@ -347,6 +349,38 @@ def status_cmd(
     }
     journal.close()
     _emit(info, as_json)
+
+
+@audit_app.command("verify")
+def audit_verify_cmd(
+    batch_dir: Annotated[Path, typer.Argument(help="A batch directory.")],
+    root: Annotated[Path | None, typer.Option(
+        "--root", help="Trusted root certificate (default: the root the log names).")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Check the signature, the signer chain, the hash chain, every bundle file, every serial
+    and report.json, offline. Exit 6 naming the first bad line or file."""
+    from .auditverify import verify_batch
+
+    anchor = ca.load_cert(str(root), where="--root") if root else None
+    summary = verify_batch(batch_dir, anchor)
+    if as_json:
+        print(json.dumps({"verified": True, "trust_anchor": str(root) if root else "from log",
+                          **summary.as_dict()}, indent=2))
+        return
+    print(f"batch {summary.batch_id} (station {summary.station}): audit log VERIFIED")
+    print(f"signer      {summary.signer}")
+    print(f"time span   {summary.first_time} .. {summary.last_time} ({summary.lines} lines)")
+    print("trust       " + (str(root) if root else "root named by the log (give --root)"))
+    for name, fingerprint in summary.ca_sha256.items():
+        print(f"CA          {name}  sha256 {fingerprint}")
+    print("devices     " + "  ".join(f"{k}: {v}" for k, v in sorted(summary.devices.items())))
+    print("serials     " + "  ".join(f"{k}: {v}" for k, v in sorted(summary.serials.items())))
+    print(f"files       {summary.files_checked} bundle files match their logged hashes")
+    for failure in summary.failures:
+        print(f"failed      {failure['registration_id']}: {failure['reason']}")
+    for void in summary.voids:
+        print(f"void        {void['registration_id']} serial {void['serial']} (revoke)")
 
 
 def main() -> None:

@@ -223,10 +223,10 @@ def _issue(ctx: _Context, journal: Journal, audit: AuditLog, progress: ProgressS
                 "public_key_sha256": d["public_key_sha256"], "key_generated": d["key_generated"],
                 "custody": d["key"]["custody"], "files": d["files"]}))
         for failed in result.not_issued:
-            events.append(("failed", failed.registration_id, {"serial": failed.serial,
-                                                              "reason": failed.reason}))
             events.append(("void" if failed.signed else "unused", failed.registration_id,
                            {"serial": failed.serial, "reason": failed.reason}))
+            events.append(("failed", failed.registration_id, {"serial": failed.serial,
+                                                              "reason": failed.reason}))
         audit.extend(events)
         audit.flush()
         journal.record_results(result.issued, result.not_issued)

@@ -263,6 +263,8 @@ def test_resume_voids_undurable_intents_and_reuses_retained_keys(
     issued = [e for e in events if e["event"] == "issued" and e["registration_id"] == rid]
     assert [e["data"]["key_generated"] for e in issued] == [True, custody != "retain"]
     assert any(e["event"] == "void" and e["data"]["serial"] == old_serial for e in events)
+    assert provline("audit", "verify", str(first.batch_dir), "--root",
+                    str(ca_env.root)).returncode == 0
 
 
 def test_kill_at_random_points_then_resume(hsm_env: Hsm, ca_env: CA, tmp_path: Path) -> None:
@@ -310,6 +312,13 @@ def test_kill_at_random_points_then_resume(hsm_env: Hsm, ca_env: CA, tmp_path: P
     assert voids == {v["serial"] for v in report["void_serials"]}
     assert not list(batch.rglob(".*.tmp"))  # a reissue rewrites and renames the same names
     _verify_all(batch, ca_env, ["kl-00001", "kl-01500", "kl-03000"])
+    # the three runs form one hash chain, sealed, that verifies offline
+    verified = provline("audit", "verify", str(batch), "--root", str(ca_env.root), "--json")
+    summary = json.loads(verified.stdout)
+    assert summary["devices"] == {"bundled": 3000}
+    assert summary["serials"] == serials
+    events = [json.loads(line)["event"] for line in (batch / "audit.jsonl").open()]
+    assert events.count("resume") == 2 and events.count("batch_start") == 1
 
 
 def test_bad_input_leaves_nothing(hsm_env: Hsm, ca_env: CA, tmp_path: Path) -> None:

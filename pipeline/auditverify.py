@@ -1,0 +1,299 @@
+"""Offline verification of a sealed batch, for auditors: no HSM, no network, no journal.
+
+Checks, in order, stopping at the first failure with what and where:
+
+1. the hash chain and the sequence of ``audit.jsonl`` (names the first bad line);
+2. the detached CMS signature ``audit.jsonl.p7s`` over the whole file, and the signer's
+   certificate chain up to the trusted root;
+3. that the log ends with the ``seal`` event the signature was made for;
+4. that every bundle file on disk has the SHA-256 the log recorded for it, and that no bundle
+   file is unrecorded;
+5. that every serial ever intended ends ``issued``, ``void`` or ``unused``;
+6. that ``report.json`` agrees with the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from asn1crypto import cms
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from .audit import AUDIT_NAME, GENESIS, SEAL_NAME
+from .ca import is_ca, thumbprints
+from .errors import AuditError
+from .report import REPORT_NAME
+
+_HASHES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+
+
+@dataclass
+class Summary:
+    batch_id: str = ""
+    station: str = ""
+    signer: str = ""
+    first_time: str = ""
+    last_time: str = ""
+    lines: int = 0
+    ca_sha256: dict[str, str] = field(default_factory=dict)
+    devices: dict[str, int] = field(default_factory=dict)
+    serials: dict[str, int] = field(default_factory=dict)
+    failures: list[dict[str, str]] = field(default_factory=list)
+    voids: list[dict[str, str]] = field(default_factory=list)
+    files_checked: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def verify_batch(batch_dir: Path, root: x509.Certificate | None = None) -> Summary:
+    """Verify ``batch_dir``; raise :class:`AuditError` naming the first problem."""
+    log_path = batch_dir / AUDIT_NAME
+    if not log_path.is_file():
+        raise AuditError("no audit log", where=str(log_path), rule="a sealed batch")
+    data = log_path.read_bytes()
+    records = _check_chain(data, log_path)
+    summary = Summary(lines=len(records))
+    start = records[0]["data"] if records and records[0]["event"] == "batch_start" else {}
+    summary.batch_id = start.get("batch_id", "")
+    summary.station = start.get("station", "")
+    summary.ca_sha256 = start.get("ca_sha256", {})
+    summary.first_time, summary.last_time = records[0]["time"], records[-1]["time"]
+
+    signer = _check_signature(batch_dir / SEAL_NAME, data, root, summary.ca_sha256)
+    summary.signer = signer.subject.rfc4514_string()
+    last = records[-1]
+    if last["event"] != "seal":
+        raise AuditError(f"the log ends with {last['event']!r}, not the seal event",
+                         where=f"{log_path}:{len(records)}", rule="sealed logs end with seal")
+    if last["data"].get("signer_sha256") != thumbprints(signer)["sha256"]:
+        raise AuditError("the seal event names another signer than the signature's",
+                         where=f"{log_path}:{len(records)}", rule="seal names its signer")
+
+    state, files, serials = _replay(records, log_path, summary)
+    summary.files_checked = _check_files(batch_dir, files)
+    _check_serials(serials, log_path)
+    summary.devices = _count(state.values())
+    summary.serials = _count(s for s, _ in serials.values())
+    summary.voids = [{"registration_id": r, "serial": s} for s, (st, r) in serials.items()
+                     if st == "void"]
+    _check_report(batch_dir, summary)
+    return summary
+
+
+def _check_chain(data: bytes, path: Path) -> list[dict[str, Any]]:
+    if not data:
+        raise AuditError("the audit log is empty", where=str(path), rule="a sealed batch")
+    if not data.endswith(b"\n"):
+        line = data.count(b"\n") + 1
+        raise AuditError("the last line is cut short (truncated log)",
+                         where=f"{path}:{line}", rule="complete lines")
+    records = []
+    prev = GENESIS
+    for number, line in enumerate(data[:-1].split(b"\n"), start=1):
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise AuditError("not a JSON record (changed or damaged)", where=where,
+                             rule="audit lines are JSON records") from exc
+        seq = record.get("seq") if isinstance(record, dict) else None
+        if seq != number:
+            raise AuditError(f"sequence number {seq} where {number} was expected (a line was "
+                             "deleted, inserted or moved)", where=where,
+                             rule="sequence continuity")
+        if record.get("prev") != prev:
+            raise AuditError("prev does not match the hash of the line before (that line or "
+                             "this one was changed)", where=where, rule="hash chain")
+        prev = hashlib.sha256(line).hexdigest()
+        records.append(record)
+    return records
+
+
+def _check_signature(p7s: Path, content: bytes, root: x509.Certificate | None,
+                     ca_sha256: dict[str, str]) -> x509.Certificate:
+    if not p7s.is_file():
+        raise AuditError("the batch is not sealed (no signature file)", where=str(p7s),
+                         rule="a sealed batch")
+    try:
+        signed = cms.ContentInfo.load(p7s.read_bytes())["content"]
+        certs = [x509.load_der_x509_certificate(c.chosen.dump())
+                 for c in signed["certificates"]]
+        info = signed["signer_infos"][0]
+        sid = info["sid"].chosen
+        attrs = info["signed_attrs"]
+        digest_name = info["digest_algorithm"]["algorithm"].native
+        signature = info["signature"].native
+    except Exception as exc:  # asn1crypto raises many types for malformed DER
+        raise AuditError(f"not a CMS SignedData: {exc}", where=str(p7s),
+                         rule="detached CMS signature") from exc
+    if digest_name not in _HASHES:
+        raise AuditError(f"digest {digest_name} is not accepted", where=str(p7s),
+                         rule="SHA-2 digests")
+    signer = next((c for c in certs if c.serial_number == sid["serial_number"].native
+                   and c.issuer.public_bytes() == sid["issuer"].dump()), None)
+    if signer is None:
+        raise AuditError("the signer's certificate is not embedded", where=str(p7s),
+                         rule="detached CMS signature")
+    algorithm = _HASHES[digest_name]()
+    digest = hashes.Hash(algorithm)
+    digest.update(content)
+    wanted = next((a["values"][0].native for a in attrs if a["type"].native == "message_digest"),
+                  None)
+    if wanted != digest.finalize():
+        raise AuditError(f"the signature does not cover this {AUDIT_NAME} (changed, truncated "
+                         "or extended after sealing)", where=str(p7s), rule="CMS message digest")
+    signed_bytes = b"\x31" + attrs.dump()[1:]  # signed attributes are signed as a SET OF
+    key = signer.public_key()
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, signed_bytes, ec.ECDSA(algorithm))
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, signed_bytes, padding.PKCS1v15(), algorithm)
+        else:
+            raise AuditError("unsupported signer key", where=str(p7s), rule="EC or RSA signer")
+    except InvalidSignature as exc:
+        raise AuditError("the CMS signature is invalid", where=str(p7s),
+                         rule="CMS signature") from exc
+    anchor = root or _root_from_log(certs, ca_sha256, p7s)
+    _check_path(signer, certs, anchor, p7s)
+    return signer
+
+
+def _root_from_log(certs: list[x509.Certificate], ca_sha256: dict[str, str],
+                   p7s: Path) -> x509.Certificate:
+    """Without --root, trust the self-signed certificate whose fingerprint the log's
+    batch_start recorded (weaker: give --root to anchor the check outside the batch)."""
+    logged = set(ca_sha256.values())
+    for cert in certs:
+        if cert.subject == cert.issuer and thumbprints(cert)["sha256"] in logged:
+            return cert
+    raise AuditError("no trust anchor: give --root", where=str(p7s), rule="signer chain")
+
+
+def _check_path(signer: x509.Certificate, certs: list[x509.Certificate],
+                root: x509.Certificate, p7s: Path) -> None:
+    current = signer
+    for _ in range(8):
+        if current == root:
+            return
+        try:
+            current.verify_directly_issued_by(root)
+            return
+        except (ValueError, TypeError, InvalidSignature):
+            pass
+        parent = next((c for c in certs if c.subject == current.issuer and c != current
+                       and is_ca(c)), None)
+        if parent is None:
+            break
+        try:
+            current.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise AuditError(f"{current.subject.rfc4514_string()} is not signed by "
+                             f"{parent.subject.rfc4514_string()}", where=str(p7s),
+                             rule="signer chain") from exc
+        current = parent
+    raise AuditError(f"the signer {signer.subject.rfc4514_string()} does not chain to the root "
+                     f"{root.subject.rfc4514_string()}", where=str(p7s), rule="signer chain")
+
+
+def _replay(records: list[dict[str, Any]], path: Path, summary: Summary
+            ) -> tuple[dict[str, str], dict[str, dict[str, str]], dict[str, tuple[str, str]]]:
+    """Replay the events: final state per device, the files of each device's current bundle,
+    and (state, device) per serial. A serial may be voided without a logged intent: the
+    journal commits intents just before the log does, and nothing is signed in between."""
+    state: dict[str, str] = {}
+    files: dict[str, dict[str, str]] = {}
+    current: dict[str, str] = {}  # device -> serial of its current bundle
+    serials: dict[str, tuple[str, str]] = {}
+    reasons: dict[str, str] = {}
+    for number, record in enumerate(records, start=1):
+        event, rid, data = record["event"], record.get("registration_id"), record["data"]
+        serial = data.get("serial") if isinstance(data, dict) else None
+        if event == "intent":
+            serials[serial] = ("intent", rid)
+            state[rid] = "intent"
+        elif event == "issued":
+            if serials.get(serial, ("", ""))[0] != "intent":
+                raise AuditError(f"serial {serial} issued without an open intent",
+                                 where=f"{path}:{number}", rule="intent before signing")
+            serials[serial] = ("issued", rid)
+            state[rid], files[rid], current[rid] = "bundled", data["files"], serial
+        elif event in ("void", "unused"):
+            serials[serial] = (event, rid)
+            if current.get(rid) == serial:
+                del current[rid], files[rid]
+            if state.get(rid) != "bundled" or rid not in current:
+                state[rid] = "failed" if event == "unused" else "planned"
+        elif event == "failed":
+            state[rid] = "failed"
+            reasons[rid] = data.get("reason", "")
+    summary.failures = [{"registration_id": r, "reason": why} for r, why in reasons.items()
+                        if state.get(r) == "failed"]
+    return state, files, serials
+
+
+def _check_files(batch_dir: Path, files: dict[str, dict[str, str]]) -> int:
+    checked = 0
+    for rid, recorded in files.items():
+        directory = batch_dir / rid
+        for name, digest in recorded.items():
+            path = directory / name
+            if not path.is_file():
+                raise AuditError("recorded bundle file is missing", where=str(path),
+                                 rule="bundles match the log")
+            if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+                raise AuditError("file differs from the hash the log recorded", where=str(path),
+                                 rule="bundles match the log")
+            checked += 1
+        for path in directory.iterdir():
+            if path.name not in recorded and not path.name.endswith(".tmp"):
+                raise AuditError("bundle file not recorded in the log", where=str(path),
+                                 rule="bundles match the log")
+    for directory in batch_dir.iterdir():
+        if directory.is_dir() and directory.name not in files and any(directory.iterdir()):
+            bundle = directory / "device.json"
+            if bundle.exists():
+                raise AuditError("bundle not recorded in the log", where=str(directory),
+                                 rule="bundles match the log")
+    return checked
+
+
+def _check_serials(serials: dict[str, tuple[str, str]], path: Path) -> None:
+    for serial, (state, rid) in serials.items():
+        if state == "intent":
+            raise AuditError(f"serial {serial} of {rid} ends as an intent (neither issued nor "
+                             "void)", where=str(path), rule="every serial accounted for")
+
+
+def _check_report(batch_dir: Path, summary: Summary) -> None:
+    path = batch_dir / REPORT_NAME
+    if not path.is_file():
+        raise AuditError("no report", where=str(path), rule="report agrees with the log")
+    report = json.loads(path.read_text())
+    checks = {
+        "batch_id": (report.get("batch_id"), summary.batch_id),
+        "serials": (report.get("serials"), summary.serials),
+        "bundled devices": (report.get("counts", {}).get("bundled", 0),
+                            summary.devices.get("bundled", 0)),
+        "void serials": (sorted(v["serial"] for v in report.get("void_serials", [])),
+                         sorted(v["serial"] for v in summary.voids)),
+    }
+    for what, (reported, logged) in checks.items():
+        if reported != logged:
+            raise AuditError(f"{what}: report says {reported}, the log says {logged}",
+                             where=str(path), rule="report agrees with the log")
+
+
+def _count(values: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
