@@ -8,7 +8,8 @@ Durability rule: the orchestrator syncs the log before it commits the journal tr
 that depends on the same events, so the journal never knows more than the log.
 
 Sealing writes ``audit.jsonl.p7s``, a detached CMS SignedData over the whole file made by the
-station's audit key inside the HSM, with the signer's certificate chain embedded:
+station's audit key inside the HSM, with the signer's certificate chain embedded (built with
+asn1crypto so the log is hashed in blocks, not loaded whole):
 
     openssl cms -verify -binary -inform DER -in audit.jsonl.p7s -content audit.jsonl \\
         -CAfile root.cert.pem -purpose any
@@ -24,9 +25,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from asn1crypto import algos, cms
+from asn1crypto import x509 as asn1x509
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.serialization import pkcs7
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 from .ca import PrivateKey, signing_hash
 from .errors import AuditError
@@ -92,21 +95,62 @@ class AuditLog:
 
     def seal(self, signer: PrivateKey, cert: x509.Certificate,
              chain: list[x509.Certificate]) -> Path:
-        """Sign the whole log (detached CMS, DER) with the HSM-held audit key."""
+        """Sign the whole log (detached CMS, DER) with the HSM-held audit key. The log is
+        hashed in blocks, so sealing a million-device batch needs no more memory than a small
+        one (cryptography's PKCS7SignatureBuilder would need the whole file in memory)."""
         self.flush()
         started = time.perf_counter()
-        data = self.path.read_bytes()
-        builder = pkcs7.PKCS7SignatureBuilder().set_data(data).add_signer(
-            cert, signer, signing_hash(signer))  # type: ignore[arg-type]
-        for extra in chain:
-            if extra != cert:
-                builder = builder.add_certificate(extra)
-        der = builder.sign(serialization.Encoding.DER,
-                           [pkcs7.PKCS7Options.DetachedSignature, pkcs7.PKCS7Options.Binary])
+        algorithm = signing_hash(signer)
+        digest = hashes.Hash(algorithm)
+        with self.path.open("rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+        der = detached_cms(digest.finalize(), algorithm, signer, cert,
+                           [c for c in chain if c != cert])
         out = self.path.with_name(SEAL_NAME)
         write_atomic(out, der, fsync=True)
         self.seconds += time.perf_counter() - started
         return out
+
+
+def detached_cms(digest: bytes, algorithm: hashes.HashAlgorithm, signer: PrivateKey,
+                 cert: x509.Certificate, extra_certs: list[x509.Certificate]) -> bytes:
+    """RFC 5652 SignedData without content: signed attributes contentType, signingTime and
+    messageDigest, signer identified by issuer and serial, certificates embedded."""
+    name = algorithm.name
+    attributes = sorted((
+        cms.CMSAttribute({"type": "content_type", "values": ["data"]}),
+        cms.CMSAttribute({"type": "signing_time",
+                          "values": [cms.Time({"utc_time": dt.datetime.now(dt.UTC)})]}),
+        cms.CMSAttribute({"type": "message_digest", "values": [digest]}),
+    ), key=lambda a: a.dump())  # DER sorts the elements of a SET OF
+    signed_attrs = cms.CMSAttributes(attributes)
+    to_sign = signed_attrs.dump()
+    if isinstance(signer, ec.EllipticCurvePrivateKey):
+        signature = signer.sign(to_sign, ec.ECDSA(algorithm))
+        signature_algorithm = f"{name}_ecdsa"
+    else:
+        signature = signer.sign(to_sign, padding.PKCS1v15(), algorithm)
+        signature_algorithm = f"{name}_rsa"
+    certs = [asn1x509.Certificate.load(c.public_bytes(serialization.Encoding.DER))
+             for c in [cert, *extra_certs]]
+    signer_info = cms.SignerInfo({
+        "version": "v1",
+        "sid": cms.SignerIdentifier({"issuer_and_serial_number": cms.IssuerAndSerialNumber({
+            "issuer": certs[0].issuer, "serial_number": certs[0].serial_number})}),
+        "digest_algorithm": algos.DigestAlgorithm({"algorithm": name}),
+        "signed_attrs": signed_attrs,
+        "signature_algorithm": algos.SignedDigestAlgorithm({"algorithm": signature_algorithm}),
+        "signature": signature,
+    })
+    signed_data = cms.SignedData({
+        "version": "v1",
+        "digest_algorithms": [algos.DigestAlgorithm({"algorithm": name})],
+        "encap_content_info": {"content_type": "data"},
+        "certificates": [cms.CertificateChoices({"certificate": c}) for c in certs],
+        "signer_infos": [signer_info],
+    })
+    return cms.ContentInfo({"content_type": "signed_data", "content": signed_data}).dump()
 
 
 def _tail(path: Path) -> tuple[int, str, int]:
