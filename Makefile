@@ -10,7 +10,7 @@ APT_PACKAGES := softhsm2 opensc openssl
 DEMO := demo
 DEMO_BATCH ?= demo-$(shell date -u +%Y%m%d-%H%M%S)
 
-.PHONY: setup tools demo demo-ca test bench lint audit-verify clean clean-demo
+.PHONY: setup tools demo demo-ca test bench lint audit-verify emulator clean clean-demo
 
 setup: tools $(STAMP)
 
@@ -69,6 +69,10 @@ bench: setup
 lint: setup
 	$(VENV)/bin/ruff check pipeline tests benchmarks
 	$(VENV)/bin/ruff format --check pipeline tests benchmarks || true
+
+# The local DPS + IoT Hub emulator in the foreground (docs/emulator.md).
+emulator: setup
+	$(PROVLINE) emulator serve --data-dir $(DEMO)/emulator
 
 audit-verify: setup
 	@test -n "$(BATCH)" || { echo "usage: make audit-verify BATCH=path/to/batch [ROOT=root.cert.pem]" >&2; exit 2; }

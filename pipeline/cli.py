@@ -27,9 +27,12 @@ hsm_app = typer.Typer(help="Set up PKCS#11 tokens.", no_args_is_help=True)
 ca_app = typer.Typer(help="The CA hierarchy: root, intermediate, PoP, transport and audit keys.",
                      no_args_is_help=True)
 audit_app = typer.Typer(help="Verify a batch's signed audit log offline.", no_args_is_help=True)
+emulator_app = typer.Typer(help="The local DPS + IoT Hub emulator (demo, tests, CI).",
+                           no_args_is_help=True)
 app.add_typer(hsm_app, name="hsm")
 app.add_typer(ca_app, name="ca")
 app.add_typer(audit_app, name="audit")
+app.add_typer(emulator_app, name="emulator")
 
 # Options shared by every command that opens a token. Secrets are named by source only.
 ModuleOpt = Annotated[str, typer.Option(
@@ -381,6 +384,42 @@ def audit_verify_cmd(
         print(f"failed      {failure['registration_id']}: {failure['reason']}")
     for void in summary.voids:
         print(f"void        {void['registration_id']} serial {void['serial']} (revoke)")
+
+
+@emulator_app.command("serve")
+def emulator_serve(
+    data_dir: Annotated[Path, typer.Option("--data-dir", help="State, keys, TLS, emulator.json.")],
+    port: Annotated[int | None, typer.Option("--port", help="DPS device endpoint; 0 = free.")]
+        = None,
+    service_port: Annotated[int | None, typer.Option("--service-port")] = None,
+    hub_port: Annotated[int | None, typer.Option("--hub-port")] = None,
+    id_scope: Annotated[str | None, typer.Option("--id-scope")] = None,
+    operations_per_minute: Annotated[int | None, typer.Option("--operations-per-minute")]
+        = None,
+    registrations_per_minute: Annotated[int | None, typer.Option(
+        "--registrations-per-minute")] = None,
+    assign_seconds: Annotated[float | None, typer.Option(
+        "--assign-seconds", help="How long a registration stays 'assigning'.")] = None,
+    error_rate: Annotated[float | None, typer.Option(
+        "--error-rate", help="Probability of an injected 500/503.")] = None,
+    drop_rate: Annotated[float | None, typer.Option(
+        "--drop-rate", help="Probability of dropping the connection.")] = None,
+    latency_ms: Annotated[float | None, typer.Option("--latency-ms")] = None,
+) -> None:
+    """Run the emulator in the foreground until SIGINT/SIGTERM. Settings also come from
+    DATA_DIR/config.json; faults can be changed live in DATA_DIR/faults.json."""
+    from .emulator import serve_forever
+
+    overrides = {"port": port, "service_port": service_port, "hub_port": hub_port,
+                 "id_scope": id_scope, "operations_per_minute": operations_per_minute,
+                 "registrations_per_minute": registrations_per_minute,
+                 "assign_seconds": assign_seconds, "error_rate": error_rate,
+                 "drop_rate": drop_rate, "latency_ms": latency_ms}
+    try:
+        serve_forever(data_dir, overrides)
+    except ValueError as exc:
+        raise InputError(str(exc), where=str(data_dir / "config.json"),
+                         rule="emulator settings") from exc
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ import binascii
 import datetime as dt
 import hashlib
 import ipaddress
+from itertools import pairwise
 from pathlib import Path
 
 from cryptography import x509
@@ -114,7 +115,7 @@ def verified_path(chain: list[x509.Certificate]) -> list[x509.Certificate] | Non
     next one; None otherwise."""
     if not chain or not all(valid_now(c) for c in chain):
         return None
-    for child, parent in zip(chain, chain[1:], strict=False):
+    for child, parent in pairwise(chain):
         if not issued_by(child, parent):
             return None
     return chain

@@ -5,6 +5,7 @@ and fault injection."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -57,23 +58,25 @@ class Faults:
 
 
 class Window:
-    """A per-minute quota in fixed wall-clock windows, as DPS documents its rates."""
+    """A quota in fixed wall-clock windows (a minute, as DPS documents its rates; tests
+    shorten the window to see the next one open)."""
 
-    def __init__(self, per_minute: int) -> None:
-        self.per_minute = per_minute
+    def __init__(self, limit: int, seconds: float = 60.0) -> None:
+        self.limit = limit
+        self.seconds = seconds
         self._window = -1
         self._count = 0
         self._lock = threading.Lock()
 
     def take(self) -> int | None:
-        """None when allowed; otherwise seconds until the next window (Retry-After)."""
+        """None when allowed; otherwise whole seconds until the next window (Retry-After)."""
         with self._lock:
             now = time.time()
-            window = int(now // 60)
+            window = int(now // self.seconds)
             if window != self._window:
                 self._window, self._count = window, 0
-            if self._count >= self.per_minute:
-                return max(1, math.ceil((window + 1) * 60 - now))
+            if self._count >= self.limit:
+                return max(1, math.ceil((window + 1) * self.seconds - now))
             self._count += 1
             return None
 
@@ -120,7 +123,6 @@ class _RequestHandler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.conn = SSL.Connection(self.server.ssl_context, self.request)
         self.conn.set_accept_state()
-        self.request.settimeout(30)
         try:
             self.conn.do_handshake()
         except (SSL.Error, OSError):
@@ -135,17 +137,19 @@ class _RequestHandler(BaseHTTPRequestHandler):
             super().handle()
 
     def finish(self) -> None:
-        try:
+        with contextlib.suppress(SSL.Error, OSError):
             self.conn.shutdown()
-        except (SSL.Error, OSError):
-            pass
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet by default
         return
 
     def _chain(self) -> list[x509.Certificate]:
-        chain = self.conn.get_peer_cert_chain(as_cryptography=True) or []
-        return list(chain)
+        """Leaf first. On the server side OpenSSL's peer chain leaves the leaf out."""
+        leaf = self.conn.get_peer_certificate(as_cryptography=True)
+        if leaf is None:
+            return []
+        rest = list(self.conn.get_peer_cert_chain(as_cryptography=True) or [])
+        return [leaf, *(c for c in rest if c != leaf)]
 
     def _serve(self) -> None:
         faults = self.server.faults()
