@@ -32,6 +32,8 @@ from .errors import AuditError
 from .report import REPORT_NAME
 
 _HASHES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+_REGISTRATION = {"registered": "registered", "registration_conflict": "conflict",
+                 "registration_failed": "register_failed"}
 
 
 @dataclass
@@ -230,13 +232,21 @@ def _replay(records: list[dict[str, Any]], path: Path, summary: Summary
             serials[serial] = (event, rid)
             if current.get(rid) == serial:
                 del current[rid], files[rid]
-            if state.get(rid) != "bundled" or rid not in current:
+            if state.get(rid) not in ("bundled", *_REGISTRATION.values()) or rid not in current:
                 state[rid] = "failed" if event == "unused" else "planned"
         elif event == "failed":
             state[rid] = "failed"
             reasons[rid] = data.get("reason", "")
-    summary.failures = [{"registration_id": r, "reason": why} for r, why in reasons.items()
-                        if state.get(r) == "failed"]
+        elif event in _REGISTRATION:
+            if state.get(rid) not in ("bundled", *_REGISTRATION.values()):
+                raise AuditError(f"{event} for {rid}, which has no bundle",
+                                 where=f"{path}:{number}", rule="register after bundling")
+            state[rid] = _REGISTRATION[event]
+            if event != "registered":
+                reasons[rid] = data.get("reason", "")
+    summary.failures = [{"registration_id": r, "state": state[r], "reason": why}
+                        for r, why in reasons.items()
+                        if state.get(r) in ("failed", "conflict", "register_failed")]
     return state, files, serials
 
 
@@ -281,8 +291,8 @@ def _check_report(batch_dir: Path, summary: Summary) -> None:
     checks = {
         "batch_id": (report.get("batch_id"), summary.batch_id),
         "serials": (report.get("serials"), summary.serials),
-        "bundled devices": (report.get("counts", {}).get("bundled", 0),
-                            summary.devices.get("bundled", 0)),
+        "device states": ({k: v for k, v in report.get("counts", {}).items() if k != "planned"},
+                          {k: v for k, v in summary.devices.items() if k != "planned"}),
         "void serials": (sorted(v["serial"] for v in report.get("void_serials", [])),
                          sorted(v["serial"] for v in summary.voids)),
     }

@@ -13,6 +13,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -276,6 +277,15 @@ def pem(cert: x509.Certificate) -> bytes:
 def common_name(cert: x509.Certificate) -> str:
     attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(attrs[0].value) if attrs else ""
+
+
+def signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    """Whether ``parent``'s key signed ``child`` (and the names chain)."""
+    try:
+        child.verify_directly_issued_by(parent)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
 
 
 def is_ca(cert: x509.Certificate) -> bool:

@@ -315,17 +315,32 @@ def run_cmd(
         = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print report.json to stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress output.")] = False,
+    replace: Annotated[bool, typer.Option(
+        "--replace", help="Overwrite conflicting enrollments/groups (never by default).")]
+        = False,
+    upload_ca: Annotated[bool, typer.Option(
+        "--upload-ca", help="Upload the issuing CA and prove possession before registering.")]
+        = False,
+    operations_per_minute: Annotated[int | None, typer.Option(
+        "--operations-per-minute", min=1, help="Registration pace (default: station).")]
+        = None,
 ) -> None:
     """Run a batch, or resume it if its batch directory already has a journal."""
     from .manifest import load_manifest
     from .progress import for_terminal
+    from .register import RegisterOptions
     from .report import summary
     from .run import run_batch
     from .station import load_station
 
     st = load_station(station)
     mf = load_manifest(manifest, batch_id=batch_id)
-    result = run_batch(mf, st, progress=for_terminal(quiet or as_json), workers=workers)
+    options = RegisterOptions(
+        replace=replace, upload_ca=upload_ca,
+        operations_per_minute=operations_per_minute or st.dps.operations_per_minute,
+        concurrency=st.dps.concurrency, bulk_size=st.dps.bulk_size)
+    result = run_batch(mf, st, progress=for_terminal(quiet or as_json), workers=workers,
+                       register=options)
     if as_json:
         print(json.dumps(result.report, indent=2, sort_keys=True, default=str))
     else:
@@ -381,7 +396,7 @@ def audit_verify_cmd(
     print("serials     " + "  ".join(f"{k}: {v}" for k, v in sorted(summary.serials.items())))
     print(f"files       {summary.files_checked} bundle files match their logged hashes")
     for failure in summary.failures:
-        print(f"failed      {failure['registration_id']}: {failure['reason']}")
+        print(f"{failure['state']:<11} {failure['registration_id']}: {failure['reason']}")
     for void in summary.voids:
         print(f"void        {void['registration_id']} serial {void['serial']} (revoke)")
 

@@ -1,6 +1,7 @@
 """The batch journal: ``journal.sqlite`` in the batch directory, the source of truth for resume.
 
-Devices move planned → intent → bundled (→ registered | conflict | failed later). Every
+Devices move planned → intent → bundled → registered (or conflict / register_failed when the
+registration stage cannot finish them; ``failed`` is an issuance failure). Every
 certificate serial is recorded as an *intent* (committed) before it is signed, and ends
 ``issued`` (its bundle is durable), ``void`` (it may have been signed but its bundle is not
 durable: list it for revocation) or ``unused`` (the worker proved it was never signed).
@@ -33,7 +34,8 @@ CREATE TABLE IF NOT EXISTS devices (
     registration_id TEXT NOT NULL UNIQUE,
     device_id TEXT NOT NULL UNIQUE,
     extra TEXT NOT NULL,            -- JSON: tags, desired properties
-    state TEXT NOT NULL,            -- planned | intent | bundled | registered | conflict | failed
+    state TEXT NOT NULL,            -- planned | intent | bundled | failed
+                                    -- | registered | conflict | register_failed
     serial TEXT,                    -- hex serial of the current certificate
     detail TEXT,                    -- JSON: thumbprints, key reference, reason of a failure
     updated REAL NOT NULL
@@ -212,6 +214,27 @@ class Journal:
                                    "WHERE state = 'failed'")
         return cur.rowcount
 
+    # -- registration -------------------------------------------------------------------
+    def registration_targets(self, retry_conflicts: bool) -> list[tuple[str, str, str]]:
+        """(registration_id, device_id, extra JSON) of bundled devices not yet registered."""
+        states = ("bundled", "register_failed") + (("conflict",) if retry_conflicts else ())
+        marks = ",".join("?" * len(states))
+        return [tuple(row) for row in self._db.execute(  # type: ignore[misc]
+            f"SELECT registration_id, device_id, extra FROM devices WHERE state IN ({marks}) "
+            "ORDER BY idx", states)]
+
+    def record_registration(self, outcomes: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """(registration_id, registered | conflict | register_failed, detail) per device."""
+        now = time.time()
+        with self._tx():
+            for rid, state, detail in outcomes:
+                row = self._db.execute("SELECT detail FROM devices WHERE registration_id = ?",
+                                       (rid,)).fetchone()
+                merged = {**json.loads(row[0] or "{}"), "registration": detail}
+                self._db.execute("UPDATE devices SET state = ?, detail = ?, updated = ? "
+                                 "WHERE registration_id = ?",
+                                 (state, json.dumps(merged, sort_keys=True), now, rid))
+
     # -- reading ----------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT state, COUNT(*) FROM devices GROUP BY state"))
@@ -225,10 +248,15 @@ class Journal:
                                  "WHERE state = 'void' ORDER BY updated, serial")]
 
     def failures(self, limit: int = 1000) -> list[dict[str, str]]:
-        return [{"registration_id": r, "reason": json.loads(d or "{}").get("reason", "")}
-                for r, d in self._db.execute(
-                    "SELECT registration_id, detail FROM devices WHERE state IN "
-                    "('failed', 'conflict') ORDER BY idx LIMIT ?", (limit,))]
+        rows = self._db.execute(
+            "SELECT registration_id, state, detail FROM devices WHERE state IN "
+            "('failed', 'conflict', 'register_failed') ORDER BY idx LIMIT ?", (limit,))
+        out = []
+        for rid, state, detail in rows:
+            info = json.loads(detail or "{}")
+            reason = info.get("reason") or info.get("registration", {}).get("reason", "")
+            out.append({"registration_id": rid, "state": state, "reason": reason})
+        return out
 
     def registration_ids(self, states: tuple[str, ...]) -> Iterator[str]:
         marks = ",".join("?" * len(states))

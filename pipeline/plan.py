@@ -93,8 +93,6 @@ def check_inputs(manifest: Manifest, station: Station,
     if station.custody.policy is Custody.WRAPPED and station.custody.transport_key is None:
         problems.append(f"{station.path}: wrapped custody needs custody.transport_key (schema)")
     if manifest.registration is not RegistrationMode.NONE:
-        problems.append(f"{where}: registration {manifest.registration} is not available in "
-                        "this version (registration: none; the DPS stage is not built yet)")
         dps = station.dps
         if dps.emulator_dir is None and (
             dps.service_endpoint is None or dps.connection_string is None
@@ -102,6 +100,17 @@ def check_inputs(manifest: Manifest, station: Station,
             problems.append(f"{where}: registration {manifest.registration} needs station dps "
                             "settings: emulator_dir, or service_endpoint + connection_string "
                             "(registration target configured)")
+        else:
+            from .dps import resolve
+
+            try:
+                endpoints = resolve(dps)
+            except InputError as exc:
+                problems.append(f"{station.path}: dps: {exc.line()}")
+            else:
+                if manifest.registration is RegistrationMode.HUB and endpoints.hub_cs is None:
+                    problems.append(f"{station.path}: registration hub needs "
+                                    "dps.hub_connection_string (registration target configured)")
     if station.audit is not None and not station.audit.cert.is_file():
         problems.append(f"{station.path}: audit.cert {station.audit.cert} does not exist "
                         "(input files exist)")

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .errors import CAError
+from .errors import CAError, RegistrationError
 from .files import write_atomic
 from .journal import Journal
 from .manifest import Manifest
@@ -27,6 +27,8 @@ def build_report(manifest: Manifest, station: Station, journal: Journal,
         exit_code = 1
     elif counts.get("failed"):
         exit_code = CAError.exit_code
+    elif counts.get("conflict") or counts.get("register_failed"):
+        exit_code = RegistrationError.exit_code
     else:
         exit_code = 0
     return {
@@ -46,8 +48,8 @@ def build_report(manifest: Manifest, station: Station, journal: Journal,
         "failures": failures,
         "void_serials": journal.voids(),
         "aborted": aborted,
-        "complete": counts.get("planned", 0) == 0 and counts.get("intent", 0) == 0
-        and not counts.get("failed"),
+        "complete": set(counts) <= ({"registered"} if manifest.registration.value != "none"
+                                    else {"bundled"}),
         "exit_code": exit_code,
     }
 
@@ -65,10 +67,14 @@ def summary(report: dict[str, Any]) -> str:
     if issue.get("devices"):
         lines.append(f"this run: {issue['devices']} devices in {issue['seconds']:.1f}s "
                      f"({issue['devices_per_s']:.0f} devices/s, {issue['workers']} workers)")
+    register = report["stages"].get("register", {})
+    if register.get("devices"):
+        lines.append(f"registered: {register['devices']} devices in {register['seconds']:.1f}s "
+                     f"({register['calls']} calls, {register['retries']} retries)")
     seal = report["stages"].get("seal", {})
     lines.append("audit log: " + ("sealed" if seal.get("sealed") else "NOT sealed"))
     for failure in report["failures"][:20]:
-        lines.append(f"failed: {failure['registration_id']}: {failure['reason']}")
+        lines.append(f"{failure['state']}: {failure['registration_id']}: {failure['reason']}")
     if report["void_serials"]:
         lines.append(f"void serials to revoke: {len(report['void_serials'])} "
                      "(see report.json void_serials)")

@@ -1,4 +1,4 @@
-"""The batch orchestrator: plan → keys/issue/bundle (worker processes) → seal.
+"""The batch orchestrator: plan → keys/issue/bundle (worker processes) → register → seal.
 
 Ordering rules that make a kill at any line safe to resume:
 
@@ -15,6 +15,7 @@ Ordering rules that make a kill at any line safe to resume:
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import time
@@ -29,12 +30,14 @@ from pkcs11 import ObjectClass
 from . import __version__, ca, hsm
 from .audit import AUDIT_NAME, AuditLog
 from .custody import remove_orphans, warn_pkcs8
+from .dps import resolve
 from .errors import CAError, InputError, ProvlineError, ValidationFailed
 from .issue import ChunkItem, ChunkResult, IssueJob, init_worker, issue_chunk
 from .journal import Journal
-from .manifest import Manifest
+from .manifest import Manifest, RegistrationMode
 from .plan import Chain, check_inputs
 from .progress import ProgressSink, Silent
+from .register import RegisterOptions, Stage, load_targets, run_stage
 from .report import build_report, write_report
 from .station import Custody, Station
 
@@ -53,11 +56,13 @@ class _Context:
     chain: Chain
     batch_dir: Path
     token: hsm.Token
+    issuer: ca.Issuer
     audit_signer: Any | None
 
 
 def run_batch(manifest: Manifest, station: Station, *, progress: ProgressSink | None = None,
-              workers: int | None = None, chunk_size: int | None = None) -> RunResult:
+              workers: int | None = None, chunk_size: int | None = None,
+              register: RegisterOptions | None = None) -> RunResult:
     """Run (or resume) the batch ``manifest`` on ``station``. Raises a ProvlineError for bad
     input before any side effect; returns the report otherwise."""
     progress = progress or Silent()
@@ -74,6 +79,9 @@ def run_batch(manifest: Manifest, station: Station, *, progress: ProgressSink | 
             warn_pkcs8()
         stages["issue"] = _issue(ctx, journal, audit, progress, totals,
                                  workers or station.workers, chunk_size or station.chunk_size)
+        if manifest.registration is not RegistrationMode.NONE:
+            stages["register"] = _register(ctx, journal, audit, progress,
+                                           register or _register_defaults(station))
     except BaseException as exc:
         aborted = exc.line() if isinstance(exc, ProvlineError) else f"{type(exc).__name__}: {exc}"
         audit.append("aborted", data={"reason": aborted})
@@ -104,7 +112,7 @@ def _plan(manifest: Manifest, station: Station) -> _Context:
     _, issuer_key = hsm.resolve_signer(station.ca.issuer_key, module_path=station.hsm.module,
                                        pin=station.hsm.pin,
                                        softhsm2_conf=station.hsm.softhsm2_conf)
-    ca.Issuer(chain.issuer, issuer_key, chain.pem())  # raises if the key does not match
+    issuer = ca.Issuer(chain.issuer, issuer_key, chain.pem())  # raises if the key mismatches
     if station.custody.transport_key is not None and station.custody.policy is Custody.WRAPPED:
         uri = station.custody.transport_key
         token.find(ObjectClass.SECRET_KEY, label=uri.object, key_id=uri.id)
@@ -125,7 +133,7 @@ def _plan(manifest: Manifest, station: Station) -> _Context:
                              rule="a new batch starts in an empty directory")
         if station.custody.policy is Custody.RETAIN:
             _check_no_labels_taken(token, manifest)
-    return _Context(manifest, station, chain, batch_dir, token, audit_signer)
+    return _Context(manifest, station, chain, batch_dir, token, issuer, audit_signer)
 
 
 def _journal_meta(manifest: Manifest, station: Station) -> dict[str, str]:
@@ -260,6 +268,35 @@ def _issue(ctx: _Context, journal: Journal, audit: AuditLog, progress: ProgressS
     return {"seconds": seconds, "devices": done, "workers": workers,
             "devices_per_s": done / seconds if seconds > 0 and done else 0.0,
             "worker_seconds": busy}
+
+
+# ------------------------------------------------------------------------------ register
+def _register_defaults(station: Station) -> RegisterOptions:
+    return RegisterOptions(operations_per_minute=station.dps.operations_per_minute,
+                           concurrency=station.dps.concurrency, bulk_size=station.dps.bulk_size)
+
+
+def _register(ctx: _Context, journal: Journal, audit: AuditLog, progress: ProgressSink,
+              options: RegisterOptions) -> dict[str, Any]:
+    targets = load_targets(ctx.batch_dir, journal.registration_targets(options.replace))
+    progress.start("register", len(targets))
+    if not targets:
+        progress.finish("register")
+        return {"seconds": 0.0, "devices": 0}
+    stage = Stage(ctx.manifest.registration, resolve(ctx.station.dps), options, ctx.issuer,
+                  ctx.chain.root)
+
+    def record(outcomes: list[tuple[str, str, dict[str, Any]]]) -> None:
+        names = {"registered": "registered", "conflict": "registration_conflict",
+                 "register_failed": "registration_failed"}
+        audit.extend([(names[state], rid, detail) for rid, state, detail in outcomes])
+        audit.flush()
+        journal.record_registration(outcomes)
+        progress.advance("register", len(outcomes))
+
+    stats = asyncio.run(run_stage(stage, ctx.batch_dir, targets, record))
+    progress.finish("register")
+    return stats
 
 
 # ---------------------------------------------------------------------------------- seal

@@ -128,7 +128,7 @@ def test_report_that_disagrees(sealed: Path, ca_env: CA, tmp_path: Path) -> None
     report = json.loads((batch / "report.json").read_text())
     report["counts"]["bundled"] = 59
     (batch / "report.json").write_text(json.dumps(report))
-    _fails(batch, ca_env, "report.json", "bundled devices")
+    _fails(batch, ca_env, "report.json", "device states")
 
 
 def test_resealed_by_a_key_not_chained_to_the_root(sealed: Path, ca_env: CA,

@@ -165,13 +165,12 @@ def test_plan_checks_against_station(hsm_env: Hsm, ca_env: CA, tmp_path: Path,
     assert "after the issuer's notAfter" in text
     assert "PROVLINE_TEST_PASSPHRASE is not set (secrets present in the environment)" in text
     assert "registration individual needs station dps settings" in text
-    assert "registration individual is not available in this version" in text
-    assert len(info.value.problems) == 5
+    assert len(info.value.problems) == 4
     # The same through the CLI: one line per problem, exit 2, nothing written.
     proc = provline("validate", str(manifest), "--station", str(station_path),
                     env={**hsm_env.env()}, check=False)
     assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 5
+    assert len(proc.stderr.strip().splitlines()) == 4
     assert not (tmp_path / "out").exists()
 
 
