@@ -42,7 +42,7 @@ $(STAMP): pyproject.toml
 demo-ca: setup
 	@if [ ! -f $(DEMO)/ca/chain.pem ]; then \
 	  set -e; rm -rf $(DEMO); mkdir -p $(DEMO)/secrets; chmod 700 $(DEMO)/secrets; \
-	  umask 077; for s in pin so-pin root-pin; do $(PY) -c 'import secrets; print(secrets.token_hex(8))' > $(DEMO)/secrets/$$s; done; \
+	  umask 077; for s in pin so-pin root-pin pkcs8-pass; do $(PY) -c 'import secrets; print(secrets.token_hex(8))' > $(DEMO)/secrets/$$s; done; \
 	  export SOFTHSM2_CONF=$$PWD/$(DEMO)/hsm/softhsm2.conf; \
 	  $(PROVLINE) hsm init $(DEMO)/hsm --label demo-root --pin-source file:$(DEMO)/secrets/root-pin --so-pin-source file:$(DEMO)/secrets/so-pin; \
 	  $(PROVLINE) hsm init $(DEMO)/hsm --label demo-station --pin-source file:$(DEMO)/secrets/pin --so-pin-source file:$(DEMO)/secrets/so-pin; \
@@ -56,9 +56,26 @@ demo-ca: setup
 	    --token demo-station --pin-source file:$(DEMO)/secrets/pin; \
 	fi
 
+# The whole line: emulator in the background, the demo batch (wrapped custody, individual DPS
+# enrollments, CA uploaded and proven), a 3-device dev-kit batch (pkcs8 custody, enrollment
+# group) whose devices then register over mTLS and send telemetry, offline audit checks.
+# Each demo starts a fresh emulator (demo/emulator is reset): the demo reuses registration IDs.
 demo: demo-ca
-	$(PROVLINE) run manifests/demo.yaml --station stations/demo.yaml --batch-id $(DEMO_BATCH)
-	@echo; echo "bundles and audit log: $(DEMO)/out/$(DEMO_BATCH)/"
+	@set -e; rm -rf $(DEMO)/emulator; mkdir -p $(DEMO)/emulator; \
+	$(PROVLINE) emulator serve --data-dir $(DEMO)/emulator > $(DEMO)/emulator.log 2>&1 & pid=$$!; \
+	trap 'kill $$pid 2>/dev/null; wait $$pid 2>/dev/null || true' EXIT; \
+	for i in $$(seq 100); do [ -f $(DEMO)/emulator/emulator.json ] && break; sleep 0.1; done; \
+	[ -f $(DEMO)/emulator/emulator.json ] || { cat $(DEMO)/emulator.log; exit 1; }; \
+	echo "== emulator up (pid $$pid): $(DEMO)/emulator/emulator.json"; \
+	echo "== demo batch $(DEMO_BATCH): wrapped custody, individual enrollments"; \
+	$(PROVLINE) run manifests/demo.yaml --station stations/demo.yaml --batch-id $(DEMO_BATCH) --upload-ca; \
+	echo "== dev-kit batch devkit-$(DEMO_BATCH): pkcs8 custody, enrollment group, device check"; \
+	$(PROVLINE) run manifests/devkit.yaml --station stations/demo-devkit.yaml --batch-id devkit-$(DEMO_BATCH) --smoke 3; \
+	echo "== offline audit verification"; \
+	$(PROVLINE) audit verify $(DEMO)/out/$(DEMO_BATCH) --root $(DEMO)/ca/root.cert.pem | head -3; \
+	$(PROVLINE) audit verify $(DEMO)/out/devkit-$(DEMO_BATCH) --root $(DEMO)/ca/root.cert.pem | head -1; \
+	echo; echo "bundles:   $(DEMO)/out/$(DEMO_BATCH)/<registration-id>/"; \
+	echo "audit log: $(DEMO)/out/$(DEMO_BATCH)/audit.jsonl (+ .p7s), report: report.json"
 
 test: setup
 	$(PY) -m pytest -q

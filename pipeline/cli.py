@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from . import __version__, ca, hsm
-from .errors import InputError, ProvlineError
+from .errors import InputError, ProvlineError, RegistrationError
 from .files import write_atomic
 from .keyprofile import KeyProfile
 from .keys import HsmDefaults, load_signing_key, save_encrypted_pkcs8
@@ -304,6 +304,32 @@ def validate_cmd(
           f"registration {mf.registration}: valid")
 
 
+@app.command("plan")
+def plan_cmd(
+    manifest: Annotated[Path, typer.Argument(help="Manifest (YAML or CSV).")],
+    station: Annotated[Path, typer.Option("--station", help="Station config (YAML).")],
+    batch_id: Annotated[str | None, typer.Option("--batch-id")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Dry run: diff the manifest against the batch journal and DPS; change nothing."""
+    from .manifest import load_manifest
+    from .plan import dry_run
+    from .station import load_station
+
+    result = dry_run(load_manifest(manifest, batch_id=batch_id), load_station(station))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"batch {result['batch_id']}: {result['devices']} devices")
+    print("journal: " + "  ".join(f"{k}: {v}" for k, v in sorted(result["journal"].items())))
+    print(f"would issue: {result['would_issue']}")
+    if "dps" in result:
+        print("dps: " + "  ".join(f"{k}: {v}" for k, v in result["dps"].items()))
+        print(f"would register: {result['would_register']}")
+        for rid in result["would_conflict"]:
+            print(f"would conflict: {rid}")
+
+
 @app.command("run")
 def run_cmd(
     manifest: Annotated[Path, typer.Argument(help="Manifest (YAML or CSV).")],
@@ -324,6 +350,8 @@ def run_cmd(
     operations_per_minute: Annotated[int | None, typer.Option(
         "--operations-per-minute", min=1, help="Registration pace (default: station).")]
         = None,
+    smoke: Annotated[int, typer.Option(
+        "--smoke", min=0, help="After the run, device-check N sampled devices (pkcs8).")] = 0,
 ) -> None:
     """Run a batch, or resume it if its batch directory already has a journal."""
     from .manifest import load_manifest
@@ -346,7 +374,58 @@ def run_cmd(
     else:
         print(summary(result.report), end="")
         print(f"output: {result.batch_dir}")
+    if smoke and result.exit_code == 0:
+        from .dps import resolve
+        from .journal import Journal
+        from .register import device_check, sample
+
+        journal = Journal.open(result.batch_dir, create=False)
+        ids = sample(list(journal.registration_ids(("registered",))), smoke)
+        journal.close()
+        passphrase = st.custody.pkcs8_passphrase.read() if st.custody.pkcs8_passphrase \
+            else None
+        _print_device_checks(device_check(result.batch_dir, resolve(st.dps), ids, passphrase),
+                             as_json=False)
     raise typer.Exit(result.exit_code)
+
+
+@app.command("verify-device")
+def verify_device_cmd(
+    batch_dir: Annotated[Path, typer.Argument(help="A batch directory (pkcs8 custody).")],
+    station: Annotated[Path, typer.Option("--station", help="Station config (YAML).")],
+    count: Annotated[int, typer.Option("--count", min=1, help="Devices to sample.")] = 3,
+    device: Annotated[list[str] | None, typer.Option(
+        "--device", help="Check this registration ID (repeatable) instead of sampling.")]
+        = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Device-side check (seed 004): register sampled devices with DPS over mTLS using their
+    bundles, then send one telemetry message each to the assigned hub."""
+    from .dps import resolve
+    from .journal import Journal
+    from .register import device_check, sample
+    from .station import load_station
+
+    st = load_station(station)
+    journal = Journal.open(batch_dir, create=False)
+    ids = device or sample(list(journal.registration_ids(("registered", "bundled"))), count)
+    journal.close()
+    passphrase = st.custody.pkcs8_passphrase.read() if st.custody.pkcs8_passphrase else None
+    results = device_check(batch_dir, resolve(st.dps), ids, passphrase)
+    _print_device_checks(results, as_json)
+
+
+def _print_device_checks(results: list[dict[str, object]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            print(f"{r['registration_id']}: {r['status']}"
+                  + (f" hub {r['assigned_hub']} device {r['device_id']} telemetry "
+                     f"{r.get('telemetry', '-')}" if r.get("assigned_hub") else "")
+                  + (f" ({r['reason']})" if r.get("reason") else ""))
+    if any(r.get("status") != "assigned" or r.get("telemetry") != "sent" for r in results):
+        raise typer.Exit(RegistrationError.exit_code)
 
 
 @app.command("status")

@@ -265,6 +265,11 @@ class Journal:
                 states):
             yield rid
 
+    def device_rows(self) -> Iterator[tuple[str, str, str | None]]:
+        """(registration_id, state, detail JSON) of every device, in manifest order."""
+        yield from self._db.execute(
+            "SELECT registration_id, state, detail FROM devices ORDER BY idx")
+
     def total(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM devices").fetchone()[0])
 

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -130,3 +131,68 @@ def _writable(directory: Path) -> bool:
             return False
         probe = probe.parent
     return probe.is_dir() and os.access(probe, os.W_OK | os.X_OK)
+
+
+def dry_run(manifest: Manifest, station: Station) -> dict[str, Any]:
+    """What `provline run` would do, with no side effect: the manifest against the journal
+    (if the batch exists) and against DPS / IoT Hub (read-only calls)."""
+    import asyncio
+    import json as _json
+
+    from .journal import Journal
+
+    check_inputs(manifest, station)
+    batch_dir = station.output / manifest.batch_id
+    states: dict[str, str] = {}
+    thumbs: dict[str, str] = {}
+    if Journal.exists(batch_dir):
+        journal = Journal.open(batch_dir, create=False)
+        for rid, state, detail in journal.device_rows():
+            states[rid] = state
+            info = _json.loads(detail or "{}")
+            if info.get("sha256_thumbprint"):
+                thumbs[rid] = info["sha256_thumbprint"]
+        journal.close()
+    devices = [d.registration_id for d in manifest.devices()]
+    journal_view: dict[str, int] = {}
+    for rid in devices:
+        key = states.get(rid, "new")
+        journal_view[key] = journal_view.get(key, 0) + 1
+    result: dict[str, Any] = {
+        "batch_id": manifest.batch_id, "devices": len(devices), "journal": journal_view,
+        "would_issue": sum(1 for r in devices if states.get(r, "planned") in
+                           ("planned", "intent", "failed")),
+        "registration": manifest.registration.value,
+    }
+    if manifest.registration is RegistrationMode.INDIVIDUAL:
+        from .dps import DpsService, resolve
+
+        async def enrolled() -> dict[str, str]:
+            svc = DpsService(resolve(station.dps))
+            try:
+                return {e["registrationId"]: e.get("attestation", {}).get("x509", {})
+                        .get("clientCertificates", {}).get("primary", {}).get("info", {})
+                        .get("sha256Thumbprint", "") for e in
+                        await svc.query("enrollments", page_size=1000)}
+            finally:
+                await svc.aclose()
+
+        existing = asyncio.run(enrolled())
+        dps_view = {"missing": 0, "enrolled_same_certificate": 0,
+                    "enrolled_other_certificate": 0, "enrolled_not_issued_yet": 0}
+        conflicts = []
+        for rid in devices:
+            if rid not in existing:
+                dps_view["missing"] += 1
+            elif rid not in thumbs:
+                dps_view["enrolled_not_issued_yet"] += 1
+                conflicts.append(rid)
+            elif existing[rid].upper() == thumbs[rid].upper():
+                dps_view["enrolled_same_certificate"] += 1
+            else:
+                dps_view["enrolled_other_certificate"] += 1
+                conflicts.append(rid)
+        result["dps"] = dps_view
+        result["would_conflict"] = conflicts[:100]
+        result["would_register"] = dps_view["missing"]
+    return result

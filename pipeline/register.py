@@ -368,3 +368,49 @@ def _reason(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) < 300 else text[:297] + "..."
 
+
+
+def device_check(batch_dir: Path, endpoints: Endpoints, registration_ids: list[str],
+                 passphrase: str | None) -> list[dict[str, Any]]:
+    """The device side of seed 004 for each device: register over mTLS with its bundle, poll
+    until assigned, send one telemetry message to the assigned hub. Needs the device's private
+    key as a file: pkcs8 custody (wrapped keys are only usable after the device unwraps them;
+    retained keys never leave the HSM)."""
+    from .dps import DeviceClient
+
+    results = []
+    for rid in registration_ids:
+        bundle = batch_dir / rid
+        info = json.loads((bundle / "device.json").read_text())
+        custody = info["key"]["custody"]
+        if custody != "pkcs8":
+            raise RegistrationError(f"{rid}: {custody} custody keeps the private key out of "
+                                    "reach of this check", rule="device check needs pkcs8")
+        outcome: dict[str, Any] = {"registration_id": rid}
+        client = DeviceClient(endpoints, bundle / "full-chain.cert.pem",
+                              bundle / "device.key.pem", passphrase)
+        try:
+            result = client.register(rid)
+            state = result.get("registrationState", {})
+            outcome.update(status=result.get("status"), assigned_hub=state.get("assignedHub"),
+                           device_id=state.get("deviceId"))
+            if result.get("status") == "assigned":
+                client.send_telemetry(state["assignedHub"], state["deviceId"],
+                                      {"provline": "device check", "registrationId": rid})
+                outcome["telemetry"] = "sent"
+        except (ServiceError, httpx.HTTPError, OSError) as exc:
+            outcome.update(status="error", reason=_reason(exc))
+        finally:
+            client.close()
+        results.append(outcome)
+    return results
+
+
+def sample(ids: list[str], count: int) -> list[str]:
+    """``count`` devices spread evenly over the batch (first and last included)."""
+    if count >= len(ids):
+        return ids
+    if count <= 1:
+        return ids[:count]
+    step = (len(ids) - 1) / (count - 1)
+    return [ids[round(i * step)] for i in range(count)]

@@ -37,7 +37,8 @@ def emu(tmp_path: Path) -> Any:
     data.mkdir()
     port, service, hub = _free_ports(3)
     (data / "config.json").write_text(json.dumps({
-        "port": port, "service_port": service, "hub_port": hub, "assign_seconds": 0.1}))
+        "port": port, "service_port": service, "hub_port": hub, "assign_seconds": 0.1,
+        "retry_after": 1}))
     e = start_emulator(data)
     yield e
     if e.proc.poll() is None:
@@ -211,3 +212,52 @@ def test_preflight_refuses_chains_dps_would_reject(hsm_env: Hsm, ca_env: CA, emu
                     env=hsm_env.env(), check=False)
     assert proc.returncode == 0, proc.stderr
     assert len(_enrollments(emu)) == 3
+
+
+def test_device_check_registers_and_sends_telemetry(hsm_env: Hsm, ca_env: CA, emu: Emu,
+                                                    tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PROVLINE_TEST_PASSPHRASE", "device-check-passphrase")
+    station_path = _station(tmp_path, hsm_env, ca_env, emu, custody="pkcs8")
+    manifest = _manifest(tmp_path, "smoke", "sm-", 8, "group")
+    env = {**hsm_env.env(), "PROVLINE_TEST_PASSPHRASE": "device-check-passphrase"}
+    proc = provline("run", str(manifest), "--station", str(station_path), "--smoke", "3",
+                    env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("sm-")]
+    assert [line.split(":")[0] for line in lines] == ["sm-0001", "sm-0005", "sm-0008"]
+    assert all(": assigned hub 127.0.0.1:" in line and "telemetry sent" in line
+               for line in lines), proc.stdout
+    check = provline("verify-device", str(tmp_path / "out" / "smoke"), "--station",
+                     str(station_path), "--device", "sm-0002", "--json", env=env)
+    [result] = json.loads(check.stdout)
+    assert result["status"] == "assigned" and result["device_id"] == "sm-0002"
+    with emu.service() as svc:
+        state = svc.get("/registrations/sm-0002").json()
+    assert state["status"] == "assigned" and state["x509"]["enrollmentGroupId"].startswith(
+        "provline-")
+
+
+def test_plan_diffs_manifest_journal_and_dps(hsm_env: Hsm, ca_env: CA, emu: Emu,
+                                             tmp_path: Path) -> None:
+    station_path = _station(tmp_path, hsm_env, ca_env, emu)
+    manifest = _manifest(tmp_path, "planned", "pl-", 6, "individual")
+    before = json.loads(provline("plan", str(manifest), "--station", str(station_path),
+                                 "--json", env=hsm_env.env()).stdout)
+    assert before["journal"] == {"new": 6} and before["would_issue"] == 6
+    assert before["dps"]["missing"] == 6
+    assert not (tmp_path / "out").exists()  # no side effect
+    run_batch(load_manifest(manifest), load_station(station_path),
+              register=RegisterOptions(upload_ca=True))
+    with emu.service() as svc:  # someone else enrols pl-0003 with another certificate
+        svc.delete("/enrollments/pl-0003", headers={"If-Match": "*"})
+        svc.put("/enrollments/pl-0003", json={
+            "registrationId": "pl-0003", "attestation": {"type": "x509", "x509": {
+                "clientCertificates": {"primary": {
+                    "certificate": (emu.dir / "server-ca.pem").read_text()}}}}})
+        svc.delete("/enrollments/pl-0005", headers={"If-Match": "*"})
+    after = json.loads(provline("plan", str(manifest), "--station", str(station_path),
+                                "--json", env=hsm_env.env()).stdout)
+    assert after["journal"] == {"registered": 6} and after["would_issue"] == 0
+    assert after["dps"] == {"missing": 1, "enrolled_same_certificate": 4,
+                            "enrolled_other_certificate": 1, "enrolled_not_issued_yet": 0}
+    assert after["would_conflict"] == ["pl-0003"]
