@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -15,6 +15,9 @@ from .files import write_atomic
 from .keyprofile import KeyProfile
 from .keys import HsmDefaults, load_signing_key, save_encrypted_pkcs8
 from .secret import SecretRef
+
+if TYPE_CHECKING:
+    from .station import Station
 
 app = typer.Typer(
     help="Factory-line provisioning: HSM-held device keys and CA, full-chain bundles, "
@@ -375,17 +378,7 @@ def run_cmd(
         print(summary(result.report), end="")
         print(f"output: {result.batch_dir}")
     if smoke and result.exit_code == 0:
-        from .dps import resolve
-        from .journal import Journal
-        from .register import device_check, sample
-
-        journal = Journal.open(result.batch_dir, create=False)
-        ids = sample(list(journal.registration_ids(("registered",))), smoke)
-        journal.close()
-        passphrase = st.custody.pkcs8_passphrase.read() if st.custody.pkcs8_passphrase \
-            else None
-        _print_device_checks(device_check(result.batch_dir, resolve(st.dps), ids, passphrase),
-                             as_json=False)
+        _device_checks(result.batch_dir, st, smoke, None, as_json=False)
     raise typer.Exit(result.exit_code)
 
 
@@ -401,18 +394,22 @@ def verify_device_cmd(
 ) -> None:
     """Device-side check (seed 004): register sampled devices with DPS over mTLS using their
     bundles, then send one telemetry message each to the assigned hub."""
+    from .station import load_station
+
+    _device_checks(batch_dir, load_station(station), count, device, as_json)
+
+
+def _device_checks(batch_dir: Path, st: Station, count: int, only: list[str] | None,
+                   as_json: bool) -> None:
     from .dps import resolve
     from .journal import Journal
     from .register import device_check, sample
-    from .station import load_station
 
-    st = load_station(station)
     journal = Journal.open(batch_dir, create=False)
-    ids = device or sample(list(journal.registration_ids(("registered", "bundled"))), count)
+    ids = only or sample(list(journal.registration_ids(("registered", "bundled"))), count)
     journal.close()
     passphrase = st.custody.pkcs8_passphrase.read() if st.custody.pkcs8_passphrase else None
-    results = device_check(batch_dir, resolve(st.dps), ids, passphrase)
-    _print_device_checks(results, as_json)
+    _print_device_checks(device_check(batch_dir, resolve(st.dps), ids, passphrase), as_json)
 
 
 def _print_device_checks(results: list[dict[str, object]], as_json: bool) -> None:

@@ -168,13 +168,16 @@ class DpsService:
             raise _error(response)
         return response
 
-    async def get(self, kind: str, key: str) -> dict[str, Any] | None:
+    async def _get_or_none(self, path: str) -> dict[str, Any] | None:
         try:
-            return (await self._call("GET", f"/{kind}/{quote(key, safe='')}")).json()
+            return (await self._call("GET", path)).json()
         except ServiceError as exc:
             if exc.status == 404:
                 return None
             raise
+
+    async def get(self, kind: str, key: str) -> dict[str, Any] | None:
+        return await self._get_or_none(f"/{kind}/{quote(key, safe='')}")
 
     async def put(self, kind: str, key: str, body: dict[str, Any],
                   etag: str | None = None) -> dict[str, Any]:
@@ -206,18 +209,10 @@ class DpsService:
 
     # CA certificates: on Azure these are ARM calls; the emulator serves them here.
     async def upload_ca(self, name: str, pem: str) -> dict[str, Any]:
-        existing = await self._certificate(name)
+        existing = await self._get_or_none(f"/certificates/{name}")
         headers = {"If-Match": existing["etag"]} if existing else None
         return (await self._call("PUT", f"/certificates/{name}", headers=headers, json_body={
             "properties": {"certificate": pem}})).json()
-
-    async def _certificate(self, name: str) -> dict[str, Any] | None:
-        try:
-            return (await self._call("GET", f"/certificates/{name}")).json()
-        except ServiceError as exc:
-            if exc.status == 404:
-                return None
-            raise
 
     async def verification_code(self, name: str, etag: str) -> tuple[str, str]:
         body = (await self._call("POST", f"/certificates/{name}/generateVerificationCode",

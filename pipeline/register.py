@@ -320,48 +320,52 @@ async def run_stage(stage: Stage, batch_dir: Path, targets: list[Target],
             "devices_per_s": len(targets) / seconds if seconds > 0 else 0.0}
 
 
-async def _individual(stage: Stage, svc: DpsService, targets: list[Target],
-                      record: Callable[[list[Outcome]], None]) -> None:
-    size = stage.options.bulk_size
-    chunks = [targets[i:i + size] for i in range(0, len(targets), size)]
-    queue: asyncio.Queue[list[Target]] = asyncio.Queue()
-    for chunk in chunks:
-        queue.put_nowait(chunk)
+async def _drain(items: list[T], concurrency: int,
+                 handle: Callable[[T], Awaitable[list[Outcome]]],
+                 record: Callable[[list[Outcome]], None]) -> None:
+    """``concurrency`` tasks take items until none are left, recording each result."""
+    queue: asyncio.Queue[T] = asyncio.Queue()
+    for item in items:
+        queue.put_nowait(item)
 
     async def worker() -> None:
         while not queue.empty():
-            chunk = queue.get_nowait()
-            try:
-                outcomes = await stage.individual(svc, chunk)
-            except (ServiceError, httpx.HTTPError, OSError) as exc:
-                outcomes = [(t.registration_id, "register_failed",
-                             {"mode": "individual", "reason": _reason(exc)}) for t in chunk]
-            record(outcomes)
+            record(await handle(queue.get_nowait()))
 
-    await asyncio.gather(*(worker() for _ in range(stage.options.concurrency)))
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def _individual(stage: Stage, svc: DpsService, targets: list[Target],
+                      record: Callable[[list[Outcome]], None]) -> None:
+    size = stage.options.bulk_size
+
+    async def handle(chunk: list[Target]) -> list[Outcome]:
+        try:
+            return await stage.individual(svc, chunk)
+        except (ServiceError, httpx.HTTPError, OSError) as exc:
+            return [(t.registration_id, "register_failed",
+                     {"mode": "individual", "reason": _reason(exc)}) for t in chunk]
+
+    chunks = [targets[i:i + size] for i in range(0, len(targets), size)]
+    await _drain(chunks, stage.options.concurrency, handle, record)
 
 
 async def _hub(stage: Stage, targets: list[Target],
                record: Callable[[list[Outcome]], None]) -> None:
     registry = HubRegistry(stage.endpoints)
-    queue: asyncio.Queue[Target] = asyncio.Queue()
-    for t in targets:
-        queue.put_nowait(t)
 
-    async def worker() -> None:
-        while not queue.empty():
-            t = queue.get_nowait()
-            try:
-                state = await stage.call(lambda t=t: asyncio.to_thread(  # type: ignore[misc]
-                    registry.ensure_ca_identity, t.device_id))
-                detail = {"mode": "hub", "device_id": t.device_id}
-                if state == "conflict":
-                    detail["reason"] = "identity exists with another authentication type"
-            except (ServiceError, OSError, httpx.HTTPError) as exc:
-                state, detail = "register_failed", {"mode": "hub", "reason": _reason(exc)}
-            record([(t.registration_id, state, detail)])
+    async def handle(t: Target) -> list[Outcome]:
+        detail: dict[str, Any] = {"mode": "hub", "device_id": t.device_id}
+        try:
+            state = await stage.call(lambda: asyncio.to_thread(
+                registry.ensure_ca_identity, t.device_id))
+        except (ServiceError, OSError, httpx.HTTPError) as exc:
+            return [(t.registration_id, "register_failed", {**detail, "reason": _reason(exc)})]
+        if state == "conflict":
+            detail["reason"] = "identity exists with another authentication type"
+        return [(t.registration_id, state, detail)]
 
-    await asyncio.gather(*(worker() for _ in range(stage.options.concurrency)))
+    await _drain(targets, stage.options.concurrency, handle, record)
 
 
 def _reason(exc: BaseException) -> str:

@@ -400,7 +400,7 @@ class Emulator:
         ca_cert = x509.load_pem_x509_certificate(record["pem"].encode())
         if certs.common_name(proof) != code:
             return error(400, 400004, "the verification certificate's CN is not the code")
-        if not certs.issued_by(proof, ca_cert) or not certs.valid_now(proof):
+        if not certs.signed_by(proof, ca_cert) or not certs.valid_now(proof):
             return error(400, 400004, "the verification certificate is not signed by the CA")
         record.update(isVerified=True, etag=new_etag(), updated=_rfc7231())
         record.pop("verificationCode", None)
@@ -477,13 +477,13 @@ class Emulator:
         """Self-signed leaf: its enrollment is the trust. Otherwise the chain must reach a
         CA verified by proof of possession (DOC-X509)."""
         leaf = chain[0]
-        if leaf.subject == leaf.issuer and certs.issued_by(leaf, leaf):
+        if leaf.subject == leaf.issuer and certs.signed_by(leaf, leaf):
             return True
         verified = self.verified_cas()
         for link in chain:
             for ca_cert in verified:
                 if link == ca_cert or (link.issuer == ca_cert.subject and
-                                       certs.issued_by(link, ca_cert)):
+                                       certs.signed_by(link, ca_cert)):
                     return True
         return False
 
@@ -495,7 +495,7 @@ class Emulator:
                 return False
             ca_cert = x509.load_pem_x509_certificate(record["pem"].encode())
             return link == ca_cert or (link.issuer == ca_cert.subject and
-                                       certs.issued_by(link, ca_cert))
+                                       certs.signed_by(link, ca_cert))
         prints = {s["info"]["sha256Thumbprint"]
                   for s in att.get("signingCertificates", {}).values()}
         return certs.thumbprint(link, "sha256") in prints

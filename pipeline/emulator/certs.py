@@ -12,12 +12,14 @@ from itertools import pairwise
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ..ca import common_name, signed_by
 from ..files import write_atomic
+
+__all__ = ["common_name", "signed_by"]  # the emulator's certificate vocabulary, in one place
 
 
 def server_identity(data_dir: Path) -> tuple[Path, Path, Path]:
@@ -92,19 +94,6 @@ def info(cert: x509.Certificate) -> dict[str, object]:
     }
 
 
-def common_name(cert: x509.Certificate) -> str:
-    attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(attrs[0].value) if attrs else ""
-
-
-def issued_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    try:
-        child.verify_directly_issued_by(parent)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
 def valid_now(cert: x509.Certificate) -> bool:
     now = dt.datetime.now(dt.UTC)
     return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
@@ -116,6 +105,6 @@ def verified_path(chain: list[x509.Certificate]) -> list[x509.Certificate] | Non
     if not chain or not all(valid_now(c) for c in chain):
         return None
     for child, parent in pairwise(chain):
-        if not issued_by(child, parent):
+        if not signed_by(child, parent):
             return None
     return chain
