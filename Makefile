@@ -5,7 +5,6 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROVLINE := $(VENV)/bin/provline
 STAMP := $(VENV)/.installed
-APT_PACKAGES := softhsm2 opensc openssl
 
 DEMO := demo
 DEMO_BATCH ?= demo-$(shell date -u +%Y%m%d-%H%M%S)
@@ -14,12 +13,15 @@ DEMO_BATCH ?= demo-$(shell date -u +%Y%m%d-%H%M%S)
 
 setup: tools $(STAMP)
 
-# SoftHSM2 (softhsm2-util, the module), OpenSC (pkcs11-tool) and the openssl CLI.
+# SoftHSM2 (softhsm2-util, the module), OpenSC (pkcs11-tool), the openssl and curl CLIs, and
+# OpenSSL's PKCS#11 engine (device checks of retained keys).
 tools:
 	@missing=""; \
 	command -v softhsm2-util >/dev/null || missing="$$missing softhsm2"; \
 	command -v pkcs11-tool >/dev/null || missing="$$missing opensc"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
+	ls /usr/lib/*/engines-3/pkcs11.so >/dev/null 2>&1 || missing="$$missing libengine-pkcs11-openssl"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then \

@@ -408,8 +408,8 @@ def _device_checks(batch_dir: Path, st: Station, count: int, only: list[str] | N
     journal = Journal.open(batch_dir, create=False)
     ids = only or sample(list(journal.registration_ids(("registered", "bundled"))), count)
     journal.close()
-    passphrase = st.custody.pkcs8_passphrase.read() if st.custody.pkcs8_passphrase else None
-    _print_device_checks(device_check(batch_dir, resolve(st.dps), ids, passphrase), as_json)
+    _print_device_checks(device_check(batch_dir, resolve(st.dps), ids,
+                                      st.custody.pkcs8_passphrase, st.hsm), as_json)
 
 
 def _print_device_checks(results: list[dict[str, object]], as_json: bool) -> None:

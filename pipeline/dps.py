@@ -13,6 +13,7 @@ Errors become :class:`ServiceError` carrying the HTTP status, the 6-digit code a
 from __future__ import annotations
 
 import base64
+import glob
 import hashlib
 import hmac
 import json
@@ -275,6 +276,89 @@ class DeviceClient:
         if response.status_code != 204:
             raise _error(response)
         return response.status_code
+
+
+class CurlDevice:
+    """The same device flow for a key that never leaves the HSM (retain custody): curl with
+    OpenSSL's PKCS#11 engine (Debian libengine-pkcs11-openssl) signs the TLS handshake inside
+    the token. The PIN reaches the engine through a 0600 file (``pin-source``), never argv."""
+
+    def __init__(self, endpoints: Endpoints, cert_file: Path, key_uri: str, module: str,
+                 pin: str, softhsm2_conf: str | None = None, timeout: float = 30.0) -> None:
+        import shutil
+        import tempfile
+
+        if not endpoints.device or not endpoints.id_scope:
+            raise InputError("no DPS device endpoint or ID scope",
+                             rule="dps.device_endpoint + dps.id_scope, or dps.emulator_dir")
+        if shutil.which("curl") is None or not glob.glob(ENGINE_GLOB):
+            raise InputError("the retain device check needs curl and the OpenSSL PKCS#11 "
+                             "engine", rule="run `make setup` (curl, libengine-pkcs11-openssl)")
+        self._endpoints = endpoints
+        self._dir = tempfile.TemporaryDirectory(prefix="provline-pin-")
+        pin_file = Path(self._dir.name) / "pin"
+        pin_file.touch(mode=0o600)
+        pin_file.write_text(pin)  # no newline: libp11 reads the file as is
+        uri = key_uri.split("?")[0]
+        self._args = ["curl", "-s", "-S", "-D", "-", "--max-time", str(timeout), "--engine",
+                      "pkcs11", "--key-type", "ENG", "--key", f"{uri};pin-source=file:{pin_file}",
+                      "--cert", str(cert_file), "-H", "Content-Type: application/json"]
+        if endpoints.tls_ca_file:
+            self._args += ["--cacert", str(endpoints.tls_ca_file)]
+        import os
+
+        self._env = {**os.environ, "PKCS11_MODULE_PATH": module}
+        if softhsm2_conf:
+            self._env["SOFTHSM2_CONF"] = softhsm2_conf
+
+    def close(self) -> None:
+        self._dir.cleanup()
+
+    def _request(self, method: str, url: str, body: Any = None) -> tuple[int, dict[str, str],
+                                                                         Any]:
+        import subprocess
+
+        args = [*self._args, "-X", method, url]
+        if body is not None:
+            args += ["--data-binary", json.dumps(body)]
+        out = subprocess.run(args, capture_output=True, text=True, env=self._env, check=False)
+        if out.returncode != 0:
+            raise ServiceError(0, None, f"curl: {out.stderr.strip()[-200:]}")
+        head, _, payload = out.stdout.replace("\r\n", "\n").partition("\n\n")
+        lines = head.splitlines()
+        headers = {k.strip().lower(): v.strip() for k, _, v in
+                   (line.partition(":") for line in lines[1:])}
+        status = int(lines[0].split()[1])
+        data = json.loads(payload) if payload.strip() else None
+        if status >= 300:
+            data = data if isinstance(data, dict) else {}
+            raise ServiceError(status, data.get("errorCode"), str(data.get("message", "")),
+                               float(headers["retry-after"]) if "retry-after" in headers
+                               else None)
+        return status, headers, data
+
+    def register(self, registration_id: str, deadline: float = 60.0) -> dict[str, Any]:
+        base = (f"{self._endpoints.device}/{self._endpoints.id_scope}/registrations/"
+                f"{quote(registration_id, safe='')}")
+        _, headers, body = self._request("PUT", f"{base}/register?api-version={DEVICE_API}",
+                                         {"registrationId": registration_id})
+        give_up = time.monotonic() + deadline
+        while body.get("status") in ("assigning", "unassigned"):
+            time.sleep(max(1.0, float(headers.get("retry-after") or 2)))
+            if time.monotonic() > give_up:
+                raise ServiceError(408, None, "registration still assigning at the deadline")
+            _, headers, body = self._request(
+                "GET", f"{base}/operations/{body['operationId']}?api-version={DEVICE_API}")
+        return body
+
+    def send_telemetry(self, hub: str, device_id: str, payload: dict[str, Any]) -> int:
+        status, _, _ = self._request(
+            "POST", f"https://{hub}/devices/{quote(device_id, safe='')}/messages/events"
+            f"?api-version={HUB_TELEMETRY_API}", payload)
+        return status
+
+
+ENGINE_GLOB = "/usr/lib/*/engines-3/pkcs11.so"
 
 
 class HubRegistry:

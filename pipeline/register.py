@@ -36,6 +36,8 @@ from . import ca
 from .dps import DpsService, Endpoints, HubRegistry, ServiceError
 from .errors import RegistrationError
 from .manifest import RegistrationMode
+from .secret import SecretRef
+from .station import HsmConfig
 
 T = TypeVar("T")
 
@@ -375,24 +377,32 @@ def _reason(exc: BaseException) -> str:
 
 
 def device_check(batch_dir: Path, endpoints: Endpoints, registration_ids: list[str],
-                 passphrase: str | None) -> list[dict[str, Any]]:
+                 passphrase: SecretRef | None, hsm: HsmConfig | None = None
+                 ) -> list[dict[str, Any]]:
     """The device side of seed 004 for each device: register over mTLS with its bundle, poll
-    until assigned, send one telemetry message to the assigned hub. Needs the device's private
-    key as a file: pkcs8 custody (wrapped keys are only usable after the device unwraps them;
-    retained keys never leave the HSM)."""
-    from .dps import DeviceClient
+    until assigned, send one telemetry message to the assigned hub. pkcs8 keys are used from
+    their files; retained keys sign inside the HSM (curl + the PKCS#11 engine). Wrapped keys
+    are only usable once a device has unwrapped them, so they cannot be checked here."""
+    from .dps import CurlDevice, DeviceClient
 
     results = []
     for rid in registration_ids:
         bundle = batch_dir / rid
         info = json.loads((bundle / "device.json").read_text())
-        custody = info["key"]["custody"]
-        if custody != "pkcs8":
-            raise RegistrationError(f"{rid}: {custody} custody keeps the private key out of "
-                                    "reach of this check", rule="device check needs pkcs8")
+        key = info["key"]
+        client: DeviceClient | CurlDevice
+        if key["custody"] == "pkcs8":
+            client = DeviceClient(endpoints, bundle / "full-chain.cert.pem",
+                                  bundle / "device.key.pem",
+                                  passphrase.read() if passphrase else None)
+        elif key["custody"] == "retain" and hsm is not None:
+            client = CurlDevice(endpoints, bundle / "full-chain.cert.pem", key["uri"],
+                                hsm.module, hsm.pin.read(), hsm.softhsm2_conf)
+        else:
+            raise RegistrationError(f"{rid}: {key['custody']} custody: the device's key is "
+                                    "not usable from the station",
+                                    rule="device check needs pkcs8 or retain custody")
         outcome: dict[str, Any] = {"registration_id": rid}
-        client = DeviceClient(endpoints, bundle / "full-chain.cert.pem",
-                              bundle / "device.key.pem", passphrase)
         try:
             result = client.register(rid)
             state = result.get("registrationState", {})

@@ -126,7 +126,7 @@ chunk_size: {chunk_size}
 
 @pytest.fixture(scope="session", autouse=True)
 def _tools() -> None:
-    for tool in ("softhsm2-util", "pkcs11-tool", "openssl"):
+    for tool in ("softhsm2-util", "pkcs11-tool", "openssl", "curl"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: run `make setup` (it installs softhsm2, opensc)")
 

@@ -261,3 +261,16 @@ def test_plan_diffs_manifest_journal_and_dps(hsm_env: Hsm, ca_env: CA, emu: Emu,
     assert after["dps"] == {"missing": 1, "enrolled_same_certificate": 4,
                             "enrolled_other_certificate": 1, "enrolled_not_issued_yet": 0}
     assert after["would_conflict"] == ["pl-0003"]
+
+
+def test_device_check_of_retained_keys_signs_inside_the_hsm(hsm_env: Hsm, ca_env: CA, emu: Emu,
+                                                            tmp_path: Path) -> None:
+    station_path = _station(tmp_path, hsm_env, ca_env, emu, custody="retain")
+    manifest = _manifest(tmp_path, "retained", "rtk-", 3, "group")
+    provline("run", str(manifest), "--station", str(station_path), env=hsm_env.env())
+    check = provline("verify-device", str(tmp_path / "out" / "retained"), "--station",
+                     str(station_path), "--count", "2", "--json", env=hsm_env.env())
+    results = json.loads(check.stdout)
+    assert [r["registration_id"] for r in results] == ["rtk-0001", "rtk-0003"]
+    assert all(r["status"] == "assigned" and r["telemetry"] == "sent" for r in results)
+    assert hsm_env.pin_file.read_text().strip() not in check.stdout + check.stderr
