@@ -254,6 +254,36 @@ def ca_audit_key(
     print(f"audit key          {hsm.Pkcs11Uri(token=token, object=label, type='private')}")
 
 
+@ca_app.command("crl")
+def ca_crl(
+    batch_dirs: Annotated[list[Path], typer.Argument(metavar="BATCH_DIR...",
+                                                     help="Batches whose void serials to revoke.")],
+    station: Annotated[Path, typer.Option("--station", help="Station config (YAML).")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the CRL (PEM).")],
+    days: Annotated[int, typer.Option("--days", min=1, help="Days until nextUpdate.")] = 30,
+) -> None:
+    """Revoke every void serial of the given batches: a CRL signed by the HSM-held issuing key.
+    (Void serials may have been signed before a crash; their bundles were never durable.)"""
+    from cryptography.hazmat.primitives import serialization
+
+    from .journal import Journal
+    from .plan import load_chain
+    from .station import load_station
+
+    st = load_station(station)
+    issuer_cert = load_chain(st).issuer
+    serials: list[int] = []
+    for batch_dir in batch_dirs:
+        journal = Journal.open(batch_dir, create=False)
+        serials += [int(v["serial"], 16) for v in journal.voids()]
+        journal.close()
+    _, signer = hsm.resolve_signer(st.ca.issuer_key, module_path=st.hsm.module,
+                                   pin=st.hsm.pin, softhsm2_conf=st.hsm.softhsm2_conf)
+    crl = ca.build_crl(issuer_cert, signer, sorted(set(serials)), days=days)
+    write_atomic(out, crl.public_bytes(serialization.Encoding.PEM), fsync=True)
+    print(f"CRL with {len(set(serials))} revoked serials: {out}")
+
+
 @ca_app.command("show")
 def ca_show(
     cert_path: Annotated[Path, typer.Argument(metavar="CERT")],

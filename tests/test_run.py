@@ -397,3 +397,18 @@ def test_a_batch_runs_once_at_a_time(hsm_env: Hsm, ca_env: CA, tmp_path: Path) -
     finally:
         holder.close()
     assert run_batch(manifest, station).exit_code == 0
+
+
+def test_crl_revokes_the_void_serials(hsm_env: Hsm, ca_env: CA, tmp_path: Path) -> None:
+    station_path = write_station(tmp_path / "s.yaml", hsm_env, ca_env, output=tmp_path / "out")
+    manifest = load_manifest(_manifest(tmp_path / "m.yaml", "revoked", "rv-", 5))
+    first = run_batch(manifest, load_station(station_path))
+    void = _set_state(first.batch_dir, "rv-00002", "intent")
+    run_batch(manifest, load_station(station_path))
+    crl_path = tmp_path / "void.crl.pem"
+    provline("ca", "crl", str(first.batch_dir), "--station", str(station_path), "--out",
+             str(crl_path), env=hsm_env.env())
+    crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+    assert [r.serial_number for r in crl] == [int(void, 16)]
+    proc = openssl("crl", "-in", str(crl_path), "-CAfile", str(ca_env.chain), "-noout")
+    assert proc.returncode == 0 and b"verify OK" in proc.stderr + proc.stdout
