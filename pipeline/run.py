@@ -41,7 +41,6 @@ from .register import RegisterOptions, Stage, load_targets, run_stage
 from .report import build_report, write_report
 from .station import Custody, Station
 
-
 WORKER_CHUNKS = 100  # chunks a worker process issues before it is replaced
 
 
