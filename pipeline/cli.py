@@ -47,6 +47,9 @@ ConfOpt = Annotated[str | None, typer.Option(
 TokenOpt = Annotated[str, typer.Option("--token", envvar="PROVLINE_TOKEN",
                                        help="Token label (never a slot number).")]
 ProfileOpt = Annotated[KeyProfile, typer.Option("--profile", help="Key algorithm.")]
+ManifestArg = Annotated[Path, typer.Argument(help="Manifest (YAML or CSV).")]
+StationOpt = Annotated[Path, typer.Option("--station", help="Station config (YAML).")]
+BatchIdOpt = Annotated[str | None, typer.Option("--batch-id", help="Override the batch id.")]
 
 
 def _defaults(module: str, pin_source: str, softhsm2_conf: str | None) -> HsmDefaults:
@@ -258,7 +261,7 @@ def ca_audit_key(
 def ca_crl(
     batch_dirs: Annotated[list[Path], typer.Argument(metavar="BATCH_DIR...",
                                                      help="Batches whose void serials to revoke.")],
-    station: Annotated[Path, typer.Option("--station", help="Station config (YAML).")],
+    station: StationOpt,
     out: Annotated[Path, typer.Option("--out", help="Where to write the CRL (PEM).")],
     days: Annotated[int, typer.Option("--days", min=1, help="Days until nextUpdate.")] = 30,
 ) -> None:
@@ -320,10 +323,9 @@ def ca_show(
 # --------------------------------------------------------------------------------- plan/run
 @app.command("validate")
 def validate_cmd(
-    manifest: Annotated[Path, typer.Argument(help="Manifest (YAML or CSV).")],
-    station: Annotated[Path, typer.Option("--station", help="Station config (YAML).")],
-    batch_id: Annotated[str | None, typer.Option("--batch-id", help="Override the batch id.")]
-        = None,
+    manifest: ManifestArg,
+    station: StationOpt,
+    batch_id: BatchIdOpt = None,
 ) -> None:
     """Check a manifest against a station config without touching the HSM or any file."""
     from .manifest import load_manifest
@@ -339,9 +341,9 @@ def validate_cmd(
 
 @app.command("plan")
 def plan_cmd(
-    manifest: Annotated[Path, typer.Argument(help="Manifest (YAML or CSV).")],
-    station: Annotated[Path, typer.Option("--station", help="Station config (YAML).")],
-    batch_id: Annotated[str | None, typer.Option("--batch-id")] = None,
+    manifest: ManifestArg,
+    station: StationOpt,
+    batch_id: BatchIdOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Dry run: diff the manifest against the batch journal and DPS; change nothing."""
@@ -365,10 +367,9 @@ def plan_cmd(
 
 @app.command("run")
 def run_cmd(
-    manifest: Annotated[Path, typer.Argument(help="Manifest (YAML or CSV).")],
-    station: Annotated[Path, typer.Option("--station", help="Station config (YAML).")],
-    batch_id: Annotated[str | None, typer.Option("--batch-id", help="Override the batch id.")]
-        = None,
+    manifest: ManifestArg,
+    station: StationOpt,
+    batch_id: BatchIdOpt = None,
     workers: Annotated[int | None, typer.Option("--workers", min=1, max=64,
                                                 help="Worker processes (default: station).")]
         = None,
@@ -415,7 +416,7 @@ def run_cmd(
 @app.command("verify-device")
 def verify_device_cmd(
     batch_dir: Annotated[Path, typer.Argument(help="A batch directory (pkcs8 custody).")],
-    station: Annotated[Path, typer.Option("--station", help="Station config (YAML).")],
+    station: StationOpt,
     count: Annotated[int, typer.Option("--count", min=1, help="Devices to sample.")] = 3,
     device: Annotated[list[str] | None, typer.Option(
         "--device", help="Check this registration ID (repeatable) instead of sampling.")]
