@@ -25,7 +25,6 @@ from typing import Any
 from .errors import InputError
 
 JOURNAL_NAME = "journal.sqlite"
-SCHEMA_VERSION = 1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);

@@ -19,10 +19,6 @@ class KeyProfile(StrEnum):
     def is_ec(self) -> bool:
         return self is not KeyProfile.RSA_2048
 
-    @property
-    def curve_oid_name(self) -> str:
-        return {KeyProfile.EC_P256: "secp256r1", KeyProfile.EC_P384: "secp384r1"}[self]
-
     def hash(self) -> hashes.HashAlgorithm:
         """SHA-384 for P-384, SHA-256 otherwise (design.md, leaf profile)."""
         return hashes.SHA384() if self is KeyProfile.EC_P384 else hashes.SHA256()

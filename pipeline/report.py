@@ -33,6 +33,7 @@ def build_report(manifest: Manifest, station: Station, journal: Journal,
         exit_code = 0
     return {
         "batch_id": manifest.batch_id,
+        "product": manifest.product,
         "manifest": str(manifest.path),
         "manifest_sha256": manifest.sha256,
         "station": station.name,

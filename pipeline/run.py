@@ -191,7 +191,8 @@ def _start_events(ctx: _Context, journal: Journal, audit: AuditLog, resumed: boo
         audit.append("torn_tail_removed", data={"bytes": audit.torn_bytes})
     if not resumed or audit.seq == 0:
         audit.append("batch_start", data={
-            "batch_id": ctx.manifest.batch_id, "manifest": ctx.manifest.path.name,
+            "batch_id": ctx.manifest.batch_id, "product": ctx.manifest.product,
+            "manifest": ctx.manifest.path.name,
             "manifest_sha256": ctx.manifest.sha256, "station": ctx.station.name,
             "tool": f"provline {__version__}", "custody": ctx.station.custody.policy.value,
             "key_profile": ctx.manifest.key_profile.value, "devices": journal.total(),

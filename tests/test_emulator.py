@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from pipeline.emulator.sas import make_token
+from pipeline.dps import ConnectionString
 from pipeline.manifest import load_manifest
 from pipeline.run import run_batch
 from pipeline.station import load_station
@@ -34,8 +34,7 @@ class Emu:
     proc: subprocess.Popen[bytes]
 
     def service(self) -> httpx.Client:
-        cs = dict(p.split("=", 1) for p in self.info["service_connection_string"].split(";"))
-        token = make_token(cs["HostName"], cs["SharedAccessKeyName"], cs["SharedAccessKey"])
+        token = ConnectionString.parse(self.info["service_connection_string"]).token()
         return httpx.Client(base_url=self.info["dps_service_endpoint"],
                             verify=self.tls(),
                             headers={"Authorization": token},
@@ -249,12 +248,11 @@ def test_service_api_etags_bulk_and_paging(emu: Emu, batch: Path) -> None:
 
 
 def test_sas_is_checked(emu: Emu) -> None:
-    cs = dict(p.split("=", 1) for p in emu.info["service_connection_string"].split(";"))
+    cs = ConnectionString.parse(emu.info["service_connection_string"])
     url = f"{emu.info['dps_service_endpoint']}/enrollments/x?api-version=2021-10-01"
-    bad_key = make_token(cs["HostName"], cs["SharedAccessKeyName"], "AAAA" * 11)
-    expired = make_token(cs["HostName"], cs["SharedAccessKeyName"], cs["SharedAccessKey"],
-                         ttl=-10)
-    wrong_policy = make_token(cs["HostName"], "enrollmentread", cs["SharedAccessKey"])
+    bad_key = ConnectionString(cs.host, cs.key_name, "AAAA" * 11).token()
+    expired = cs.token(ttl=-10)
+    wrong_policy = ConnectionString(cs.host, "enrollmentread", cs.key).token()
     for token in (bad_key, expired, wrong_policy, None):
         response = httpx.get(url, verify=emu.tls(),
                              headers={"Authorization": token} if token else {})

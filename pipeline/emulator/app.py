@@ -593,6 +593,8 @@ class Emulator:
 
     def hub_api(self, request: Request) -> Response:
         p, m = request.path, request.method
+        if request.query.get("api-version") not in HUB_API_VERSIONS:
+            return _hub_error(400, 400004, "ArgumentInvalid", "unsupported api-version")
         if len(p) == 4 and p[0] == "devices" and p[2:] == ["messages", "events"] and m == "POST":
             return self._telemetry(p[1], request)
         if len(p) != 2 or p[0] != "devices":

@@ -6,20 +6,11 @@ import base64
 import hashlib
 import hmac
 import time
-from urllib.parse import quote, quote_plus, unquote
+from urllib.parse import quote_plus, unquote
 
 
 class SasError(Exception):
     pass
-
-
-def make_token(audience: str, key_name: str, key: str, ttl: int = 3600) -> str:
-    """The reference implementation's token (quote_plus of the audience, upper-case hex)."""
-    expiry = int(time.time() + ttl)
-    to_sign = f"{quote_plus(audience)}\n{expiry}".encode()
-    sig = base64.b64encode(hmac.new(base64.b64decode(key), to_sign, hashlib.sha256).digest())
-    return (f"SharedAccessSignature sr={quote_plus(audience)}&sig={quote(sig.decode(), safe='')}"
-            f"&se={expiry}&skn={key_name}")
 
 
 def _normalise(resource: str) -> str:
