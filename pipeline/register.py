@@ -59,7 +59,12 @@ class Target:
     device_id: str
     tags: dict[str, Any]
     desired: dict[str, Any]
-    leaf: x509.Certificate
+    bundle: Path
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        """Read when needed, so a large batch's certificates are never all in memory."""
+        return x509.load_pem_x509_certificate((self.bundle / "device.cert.pem").read_bytes())
 
 
 Outcome = tuple[str, str, dict[str, Any]]  # (registration_id, state, detail)
@@ -147,7 +152,7 @@ class Stage:
             "registrationId": t.registration_id, "deviceId": t.device_id,
             "provisioningStatus": "enabled",
             "attestation": {"type": "x509", "x509": {"clientCertificates": {
-                "primary": {"certificate": ca.pem(t.leaf).decode()}}}},
+                "primary": {"certificate": (t.bundle / "device.cert.pem").read_text()}}}},
         }
         if t.tags or t.desired:
             body["initialTwin"] = {"tags": t.tags, "properties": {"desired": t.desired}}
@@ -245,25 +250,26 @@ class Stage:
 def load_targets(batch_dir: Path, rows: list[tuple[str, str, str]]) -> list[Target]:
     targets = []
     for rid, did, extra in rows:
-        leaf = x509.load_pem_x509_certificate((batch_dir / rid / "device.cert.pem").read_bytes())
         info = json.loads(extra)
-        targets.append(Target(rid, did, info.get("tags", {}), info.get("desired", {}), leaf))
+        targets.append(Target(rid, did, info.get("tags", {}), info.get("desired", {}),
+                              batch_dir / rid))
     return targets
 
 
-def preflight(batch_dir: Path, targets: list[Target], root: x509.Certificate,
+def preflight(targets: list[Target], root: x509.Certificate,
               must_contain: x509.Certificate | None,
               verified: set[str] | None) -> list[str]:
     """Problems that would make DPS refuse a device (401002 in the field), per bundle."""
     problems = []
     for t in targets:
-        path = batch_dir / t.registration_id / "full-chain.cert.pem"
+        path = t.bundle / "full-chain.cert.pem"
         try:
             chain = x509.load_pem_x509_certificates(path.read_bytes())
+            leaf = t.leaf
         except (OSError, ValueError):
-            problems.append(f"{path}: unreadable chain")
+            problems.append(f"{path}: unreadable chain or certificate")
             continue
-        if chain[0] != t.leaf or ca.is_ca(chain[0]):
+        if chain[0] != leaf or ca.is_ca(chain[0]):
             problems.append(f"{path}: the leaf is not first")
         elif ca.common_name(chain[0]) != t.registration_id:
             problems.append(f"{path}: CN {ca.common_name(chain[0])!r} is not the registration ID")
@@ -282,7 +288,7 @@ def preflight(batch_dir: Path, targets: list[Target], root: x509.Certificate,
     return problems
 
 
-async def run_stage(stage: Stage, batch_dir: Path, targets: list[Target],
+async def run_stage(stage: Stage, targets: list[Target],
                     record: Callable[[list[Outcome]], None]) -> dict[str, Any]:
     """Register ``targets``; ``record`` is called with each finished group of outcomes (the
     orchestrator journals and audits them). Returns stage statistics."""
@@ -296,11 +302,11 @@ async def run_stage(stage: Stage, batch_dir: Path, targets: list[Target],
             if stage.options.upload_ca:
                 await stage.upload_ca(svc)
             verified = None
-            if mode is RegistrationMode.INDIVIDUAL and not all(
-                    t.leaf.issuer == t.leaf.subject for t in targets[:1]):
+            leaf = targets[0].leaf
+            if mode is RegistrationMode.INDIVIDUAL and leaf.issuer != leaf.subject:
                 verified = await stage.verified_thumbprints(svc)
             must = stage.issuer.cert if mode is RegistrationMode.GROUP else None
-            problems = preflight(batch_dir, targets, stage.root, must, verified)
+            problems = preflight(targets, stage.root, must, verified)
             if problems:
                 raise RegistrationError(problems[0] + (f" (+{len(problems) - 1} more)"
                                                        if len(problems) > 1 else ""),

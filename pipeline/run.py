@@ -300,7 +300,7 @@ def _register(ctx: _Context, journal: Journal, audit: AuditLog, progress: Progre
         journal.record_registration(outcomes)
         progress.advance("register", len(outcomes))
 
-    stats = asyncio.run(run_stage(stage, ctx.batch_dir, targets, record))
+    stats = asyncio.run(run_stage(stage, targets, record))
     progress.finish("register")
     return stats
 
