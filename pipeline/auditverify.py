@@ -2,10 +2,12 @@
 
 Checks, in order, stopping at the first failure with what and where:
 
-1. the hash chain and the sequence of ``audit.jsonl`` (names the first bad line);
-2. the detached CMS signature ``audit.jsonl.p7s`` over the whole file, and the signer's
-   certificate chain up to the trusted root;
-3. that the log ends with the ``seal`` event the signature was made for;
+1. the detached CMS signature ``audit.jsonl.p7s`` (over its signed attributes) and the
+   signer's certificate chain up to the trusted root;
+2. the hash chain and the sequence of ``audit.jsonl``, read once as a stream (names the first
+   bad line), while hashing it;
+3. that the signature's message digest is this exact file, and that the log ends with the
+   ``seal`` event the signature was made for;
 4. that every bundle file on disk has the SHA-256 the log recorded for it, and that no bundle
    file is unrecorded;
 5. that every serial ever intended ends ``issued``, ``void`` or ``unused``;
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from .report import REPORT_NAME
 _HASHES = {"sha256": hashes.SHA256, "sha384": hashes.SHA384, "sha512": hashes.SHA512}
 _REGISTRATION = {"registered": "registered", "registration_conflict": "conflict",
                  "registration_failed": "register_failed"}
+_HAS_BUNDLE = ("bundled", *_REGISTRATION.values())
 
 
 @dataclass
@@ -56,71 +60,91 @@ class Summary:
 
 
 def verify_batch(batch_dir: Path, root: x509.Certificate | None = None) -> Summary:
-    """Verify ``batch_dir``; raise :class:`AuditError` naming the first problem."""
+    """Verify ``batch_dir``; raise :class:`AuditError` naming the first problem. The log is
+    read once, as a stream: memory grows with the number of devices, not of log lines."""
     log_path = batch_dir / AUDIT_NAME
-    if not log_path.is_file():
-        raise AuditError("no audit log", where=str(log_path), rule="a sealed batch")
-    data = log_path.read_bytes()
-    records = _check_chain(data, log_path)
-    summary = Summary(lines=len(records))
-    start = records[0]["data"] if records and records[0]["event"] == "batch_start" else {}
-    summary.batch_id = start.get("batch_id", "")
-    summary.station = start.get("station", "")
-    summary.ca_sha256 = start.get("ca_sha256", {})
-    summary.first_time, summary.last_time = records[0]["time"], records[-1]["time"]
+    if not log_path.is_file() or log_path.stat().st_size == 0:
+        raise AuditError("no audit log, or an empty one", where=str(log_path),
+                         rule="a sealed batch")
+    with log_path.open("rb") as handle:
+        first = json.loads(handle.readline() or b"{}")
+    start = first.get("data", {}) if first.get("event") == "batch_start" else {}
+    summary = Summary(batch_id=start.get("batch_id", ""), station=start.get("station", ""),
+                      ca_sha256=start.get("ca_sha256", {}))
+    seal = _read_seal(batch_dir / SEAL_NAME, root, summary.ca_sha256)
+    summary.signer = seal.signer.subject.rfc4514_string()
 
-    signer = _check_signature(batch_dir / SEAL_NAME, data, root, summary.ca_sha256)
-    summary.signer = signer.subject.rfc4514_string()
-    last = records[-1]
+    replay = _Replay(log_path)
+    digest = hashes.Hash(seal.algorithm)
+    last: dict[str, Any] = {}
+    for number, record in _records(log_path, digest):
+        replay.feed(number, record)
+        summary.first_time = summary.first_time or record["time"]
+        last, summary.lines = record, number
+    summary.last_time = last["time"]
+    if digest.finalize() != seal.message_digest:
+        raise AuditError(f"the signature does not cover this {AUDIT_NAME} (changed, truncated "
+                         "or extended after sealing)", where=str(seal.path),
+                         rule="CMS message digest")
     if last["event"] != "seal":
         raise AuditError(f"the log ends with {last['event']!r}, not the seal event",
-                         where=f"{log_path}:{len(records)}", rule="sealed logs end with seal")
-    if last["data"].get("signer_sha256") != thumbprints(signer)["sha256"]:
+                         where=f"{log_path}:{summary.lines}", rule="sealed logs end with seal")
+    if last["data"].get("signer_sha256") != thumbprints(seal.signer)["sha256"]:
         raise AuditError("the seal event names another signer than the signature's",
-                         where=f"{log_path}:{len(records)}", rule="seal names its signer")
+                         where=f"{log_path}:{summary.lines}", rule="seal names its signer")
 
-    state, files, serials = _replay(records, log_path, summary)
-    summary.files_checked = _check_files(batch_dir, files)
-    _check_serials(serials, log_path)
-    summary.devices = _count(state.values())
-    summary.serials = _count(s for s, _ in serials.values())
-    summary.voids = [{"registration_id": r, "serial": s} for s, (st, r) in serials.items()
-                     if st == "void"]
+    summary.files_checked = _check_files(batch_dir, replay.files)
+    _check_serials(replay.serials, log_path)
+    summary.devices = _count(replay.state.values())
+    summary.serials = _count(s for s, _ in replay.serials.values())
+    summary.voids = [{"registration_id": r, "serial": s}
+                     for s, (st, r) in replay.serials.items() if st == "void"]
+    summary.failures = replay.failures()
     _check_report(batch_dir, summary)
     return summary
 
 
-def _check_chain(data: bytes, path: Path) -> list[dict[str, Any]]:
-    if not data:
-        raise AuditError("the audit log is empty", where=str(path), rule="a sealed batch")
-    if not data.endswith(b"\n"):
-        line = data.count(b"\n") + 1
-        raise AuditError("the last line is cut short (truncated log)",
-                         where=f"{path}:{line}", rule="complete lines")
-    records = []
+def _records(path: Path, digest: hashes.Hash) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each record with its line number, after checking sequence and hash chain; every byte
+    read also goes into ``digest`` (the CMS message digest)."""
     prev = GENESIS
-    for number, line in enumerate(data[:-1].split(b"\n"), start=1):
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise AuditError("not a JSON record (changed or damaged)", where=where,
-                             rule="audit lines are JSON records") from exc
-        seq = record.get("seq") if isinstance(record, dict) else None
-        if seq != number:
-            raise AuditError(f"sequence number {seq} where {number} was expected (a line was "
-                             "deleted, inserted or moved)", where=where,
-                             rule="sequence continuity")
-        if record.get("prev") != prev:
-            raise AuditError("prev does not match the hash of the line before (that line or "
-                             "this one was changed)", where=where, rule="hash chain")
-        prev = hashlib.sha256(line).hexdigest()
-        records.append(record)
-    return records
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            digest.update(raw)
+            where = f"{path}:{number}"
+            if not raw.endswith(b"\n"):
+                raise AuditError("the last line is cut short (truncated log)", where=where,
+                                 rule="complete lines")
+            line = raw[:-1]
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise AuditError("not a JSON record (changed or damaged)", where=where,
+                                 rule="audit lines are JSON records") from exc
+            seq = record.get("seq") if isinstance(record, dict) else None
+            if seq != number:
+                raise AuditError(f"sequence number {seq} where {number} was expected (a line "
+                                 "was deleted, inserted or moved)", where=where,
+                                 rule="sequence continuity")
+            if record.get("prev") != prev:
+                raise AuditError("prev does not match the hash of the line before (that line "
+                                 "or this one was changed)", where=where, rule="hash chain")
+            prev = hashlib.sha256(line).hexdigest()
+            yield number, record
 
 
-def _check_signature(p7s: Path, content: bytes, root: x509.Certificate | None,
-                     ca_sha256: dict[str, str]) -> x509.Certificate:
+@dataclass
+class _Seal:
+    path: Path
+    signer: x509.Certificate
+    algorithm: hashes.HashAlgorithm
+    message_digest: bytes
+
+
+def _read_seal(p7s: Path, root: x509.Certificate | None,
+               ca_sha256: dict[str, str]) -> _Seal:
+    """Parse the detached CMS, check its signature over the signed attributes and the
+    signer's chain to the root. The content digest is compared after the log is read."""
     if not p7s.is_file():
         raise AuditError("the batch is not sealed (no signature file)", where=str(p7s),
                          rule="a sealed batch")
@@ -133,6 +157,8 @@ def _check_signature(p7s: Path, content: bytes, root: x509.Certificate | None,
         attrs = info["signed_attrs"]
         digest_name = info["digest_algorithm"]["algorithm"].native
         signature = info["signature"].native
+        wanted = next(a["values"][0].native for a in attrs
+                      if a["type"].native == "message_digest")
     except Exception as exc:  # asn1crypto raises many types for malformed DER
         raise AuditError(f"not a CMS SignedData: {exc}", where=str(p7s),
                          rule="detached CMS signature") from exc
@@ -145,13 +171,6 @@ def _check_signature(p7s: Path, content: bytes, root: x509.Certificate | None,
         raise AuditError("the signer's certificate is not embedded", where=str(p7s),
                          rule="detached CMS signature")
     algorithm = _HASHES[digest_name]()
-    digest = hashes.Hash(algorithm)
-    digest.update(content)
-    wanted = next((a["values"][0].native for a in attrs if a["type"].native == "message_digest"),
-                  None)
-    if wanted != digest.finalize():
-        raise AuditError(f"the signature does not cover this {AUDIT_NAME} (changed, truncated "
-                         "or extended after sealing)", where=str(p7s), rule="CMS message digest")
     signed_bytes = b"\x31" + attrs.dump()[1:]  # signed attributes are signed as a SET OF
     key = signer.public_key()
     try:
@@ -166,7 +185,7 @@ def _check_signature(p7s: Path, content: bytes, root: x509.Certificate | None,
                          rule="CMS signature") from exc
     anchor = root or _root_from_log(certs, ca_sha256, p7s)
     _check_path(signer, certs, anchor, p7s)
-    return signer
+    return _Seal(p7s, signer, algorithm, wanted)
 
 
 def _root_from_log(certs: list[x509.Certificate], ca_sha256: dict[str, str],
@@ -199,48 +218,53 @@ def _check_path(signer: x509.Certificate, certs: list[x509.Certificate],
                      f"{root.subject.rfc4514_string()}", where=str(p7s), rule="signer chain")
 
 
-def _replay(records: list[dict[str, Any]], path: Path, summary: Summary
-            ) -> tuple[dict[str, str], dict[str, dict[str, str]], dict[str, tuple[str, str]]]:
-    """Replay the events: final state per device, the files of each device's current bundle,
+class _Replay:
+    """Replays events: final state per device, the files of each device's current bundle,
     and (state, device) per serial. A serial may be voided without a logged intent: the
     journal commits intents just before the log does, and nothing is signed in between."""
-    state: dict[str, str] = {}
-    files: dict[str, dict[str, str]] = {}
-    current: dict[str, str] = {}  # device -> serial of its current bundle
-    serials: dict[str, tuple[str, str]] = {}
-    reasons: dict[str, str] = {}
-    for number, record in enumerate(records, start=1):
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.state: dict[str, str] = {}
+        self.files: dict[str, dict[str, str]] = {}
+        self.current: dict[str, str] = {}  # device -> serial of its current bundle
+        self.serials: dict[str, tuple[str, str]] = {}
+        self.reasons: dict[str, str] = {}
+
+    def feed(self, number: int, record: dict[str, Any]) -> None:
         event, rid, data = record["event"], record.get("registration_id"), record["data"]
         serial = data.get("serial") if isinstance(data, dict) else None
+        state, serials = self.state, self.serials
         if event == "intent":
             serials[serial] = ("intent", rid)
             state[rid] = "intent"
         elif event == "issued":
             if serials.get(serial, ("", ""))[0] != "intent":
                 raise AuditError(f"serial {serial} issued without an open intent",
-                                 where=f"{path}:{number}", rule="intent before signing")
+                                 where=f"{self.path}:{number}", rule="intent before signing")
             serials[serial] = ("issued", rid)
-            state[rid], files[rid], current[rid] = "bundled", data["files"], serial
+            state[rid], self.files[rid], self.current[rid] = "bundled", data["files"], serial
         elif event in ("void", "unused"):
             serials[serial] = (event, rid)
-            if current.get(rid) == serial:
-                del current[rid], files[rid]
-            if state.get(rid) not in ("bundled", *_REGISTRATION.values()) or rid not in current:
+            if self.current.get(rid) == serial:
+                del self.current[rid], self.files[rid]
+            if state.get(rid) not in _HAS_BUNDLE or rid not in self.current:
                 state[rid] = "failed" if event == "unused" else "planned"
         elif event == "failed":
             state[rid] = "failed"
-            reasons[rid] = data.get("reason", "")
+            self.reasons[rid] = data.get("reason", "")
         elif event in _REGISTRATION:
-            if state.get(rid) not in ("bundled", *_REGISTRATION.values()):
+            if state.get(rid) not in _HAS_BUNDLE:
                 raise AuditError(f"{event} for {rid}, which has no bundle",
-                                 where=f"{path}:{number}", rule="register after bundling")
+                                 where=f"{self.path}:{number}", rule="register after bundling")
             state[rid] = _REGISTRATION[event]
             if event != "registered":
-                reasons[rid] = data.get("reason", "")
-    summary.failures = [{"registration_id": r, "state": state[r], "reason": why}
-                        for r, why in reasons.items()
-                        if state.get(r) in ("failed", "conflict", "register_failed")]
-    return state, files, serials
+                self.reasons[rid] = data.get("reason", "")
+
+    def failures(self) -> list[dict[str, str]]:
+        return [{"registration_id": r, "state": self.state[r], "reason": why}
+                for r, why in self.reasons.items()
+                if self.state.get(r) in ("failed", "conflict", "register_failed")]
 
 
 def _check_files(batch_dir: Path, files: dict[str, dict[str, str]]) -> int:
