@@ -111,6 +111,14 @@ def resolve(config: DpsConfig) -> Endpoints:
         else None, tls_ca_file=tls)
 
 
+def attested_thumbprint(body: dict[str, Any] | None, section: str) -> str:
+    """The SHA-256 thumbprint (upper case) of the primary certificate an enrollment
+    (``clientCertificates``) or group (``signingCertificates``) attests; "" if none."""
+    info = ((body or {}).get("attestation", {}).get("x509", {}).get(section, {})
+            .get("primary", {}).get("info", {}))
+    return str(info.get("sha256Thumbprint", "")).upper()
+
+
 class ServiceError(Exception):
     def __init__(self, status: int, code: int | None, message: str,
                  retry_after: float | None = None) -> None:

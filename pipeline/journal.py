@@ -226,13 +226,10 @@ class Journal:
         """(registration_id, registered | conflict | register_failed, detail) per device."""
         now = time.time()
         with self._tx():
-            for rid, state, detail in outcomes:
-                row = self._db.execute("SELECT detail FROM devices WHERE registration_id = ?",
-                                       (rid,)).fetchone()
-                merged = {**json.loads(row[0] or "{}"), "registration": detail}
-                self._db.execute("UPDATE devices SET state = ?, detail = ?, updated = ? "
-                                 "WHERE registration_id = ?",
-                                 (state, json.dumps(merged, sort_keys=True), now, rid))
+            self._db.executemany(
+                "UPDATE devices SET state = ?, updated = ?, detail = json_set("
+                "COALESCE(detail, '{}'), '$.registration', json(?)) WHERE registration_id = ?",
+                [(state, now, json.dumps(detail), rid) for rid, state, detail in outcomes])
 
     # -- reading ----------------------------------------------------------------------
     def counts(self) -> dict[str, int]:

@@ -162,15 +162,13 @@ def dry_run(manifest: Manifest, station: Station) -> dict[str, Any]:
         "registration": manifest.registration.value,
     }
     if manifest.registration is RegistrationMode.INDIVIDUAL:
-        from .dps import DpsService, resolve
+        from .dps import DpsService, attested_thumbprint, resolve
 
         async def enrolled() -> dict[str, str]:
             svc = DpsService(resolve(station.dps))
             try:
-                return {e["registrationId"]: e.get("attestation", {}).get("x509", {})
-                        .get("clientCertificates", {}).get("primary", {}).get("info", {})
-                        .get("sha256Thumbprint", "") for e in
-                        await svc.query("enrollments", page_size=1000)}
+                return {e["registrationId"]: attested_thumbprint(e, "clientCertificates")
+                        for e in await svc.query("enrollments", page_size=1000)}
             finally:
                 await svc.aclose()
 
@@ -184,7 +182,7 @@ def dry_run(manifest: Manifest, station: Station) -> dict[str, Any]:
             elif rid not in thumbs:
                 dps_view["enrolled_not_issued_yet"] += 1
                 conflicts.append(rid)
-            elif existing[rid].upper() == thumbs[rid].upper():
+            elif existing[rid] == thumbs[rid].upper():
                 dps_view["enrolled_same_certificate"] += 1
             else:
                 dps_view["enrolled_other_certificate"] += 1

@@ -33,7 +33,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_any
 from tenacity.stop import stop_base
 
 from . import ca
-from .dps import DpsService, Endpoints, HubRegistry, ServiceError
+from .dps import DpsService, Endpoints, HubRegistry, ServiceError, attested_thumbprint
 from .errors import RegistrationError
 from .manifest import RegistrationMode
 from .secret import SecretRef
@@ -104,8 +104,10 @@ def _wait(state: RetryCallState) -> float:
     service's Retry-After."""
     backoff = random.uniform(0, min(30.0, 0.5 * 2 ** (state.attempt_number - 1)))
     exc = state.outcome.exception() if state.outcome else None
-    retry_after = getattr(exc, "retry_after", None) or 0.0
-    return max(backoff, retry_after + random.uniform(0, 0.25) if retry_after else backoff)
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after:
+        return max(backoff, retry_after + random.uniform(0, 0.25))
+    return backoff
 
 
 class _StopAt(stop_base):
@@ -179,12 +181,9 @@ class Stage:
     async def _existing(self, svc: DpsService, t: Target) -> Outcome:
         """An enrollment already exists: ours (same leaf) is success, another is a conflict."""
         current = await self.call(lambda: svc.get("enrollments", t.registration_id))
-        wanted = ca.thumbprints(t.leaf)["sha256"]
-        found = ((current or {}).get("attestation", {}).get("x509", {})
-                 .get("clientCertificates", {}).get("primary", {}).get("info", {})
-                 .get("sha256Thumbprint", ""))
+        found = attested_thumbprint(current, "clientCertificates")
         detail: dict[str, Any] = {"mode": "individual", "enrollment": t.registration_id}
-        if current is not None and found.upper() == wanted:
+        if current is not None and found == ca.thumbprints(t.leaf)["sha256"]:
             return t.registration_id, "registered", {**detail, "already": True}
         if current is not None and self.options.replace:
             await self.call(lambda: svc.put("enrollments", t.registration_id,
@@ -213,9 +212,7 @@ class Stage:
                 if exc.status != 409:
                     raise
                 current = await self.call(lambda: svc.get("enrollmentGroups", gid))
-        signing = (current or {}).get("attestation", {}).get("x509", {}) \
-            .get("signingCertificates", {}).get("primary", {}).get("info", {})
-        same = signing.get("sha256Thumbprint", "").upper() == \
+        same = attested_thumbprint(current, "signingCertificates") == \
             ca.thumbprints(self.issuer.cert)["sha256"]
         if (not same and not self.options.replace) or current is None:
             return "conflict", f"enrollment group {gid} exists with another signing certificate"

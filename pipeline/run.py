@@ -219,7 +219,7 @@ def _issue(ctx: _Context, journal: Journal, audit: AuditLog, progress: ProgressS
     todo = journal.counts().get("planned", 0)
     progress.start("issue", todo)
     started = time.monotonic()
-    busy = {"keys": 0.0, "issue": 0.0, "bundle": 0.0, "sync": 0.0}
+    busy: dict[str, float] = {}  # worker seconds per stage, as the workers report them
     job = IssueJob(str(ctx.station.path), str(ctx.batch_dir), ctx.manifest.batch_id,
                    ctx.manifest.key_profile.value, ctx.manifest.validity_days)
 
@@ -242,7 +242,7 @@ def _issue(ctx: _Context, journal: Journal, audit: AuditLog, progress: ProgressS
         audit.flush()
         journal.record_results(result.issued, result.not_issued)
         for key, value in result.seconds.items():
-            busy[key] += value
+            busy[key] = busy.get(key, 0.0) + value
         totals["issued"] += len(result.issued)
         totals["failed"] += len(result.not_issued)
         progress.advance("issue", len(result.issued) + len(result.not_issued))
