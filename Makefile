@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEMO := demo
 DEMO_BATCH ?= demo-$(shell date -u +%Y%m%d-%H%M%S)
 
-.PHONY: setup tools demo demo-ca test bench lint audit-verify emulator clean clean-demo
+.PHONY: setup tools demo demo-ca test test-fast bench lint audit-verify emulator clean clean-demo
 
 setup: tools $(STAMP)
 
@@ -85,9 +85,15 @@ test: setup
 bench: setup
 	$(PY) benchmarks/bench.py
 
+# ruff (lint and format) and mypy (strict, over pipeline/); any finding fails.
 lint: setup
 	$(VENV)/bin/ruff check pipeline tests benchmarks
-	$(VENV)/bin/ruff format --check pipeline tests benchmarks || true
+	$(VENV)/bin/ruff format --check pipeline tests benchmarks
+	$(VENV)/bin/mypy
+
+# The fast layer: pure logic, no HSM, no server, no subprocess (seconds).
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration"
 
 # The local DPS + IoT Hub emulator in the foreground (docs/emulator.md).
 emulator: setup

@@ -9,6 +9,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from .errors import CAError
 
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+SigningHash = hashes.SHA256 | hashes.SHA384
+
 
 class KeyProfile(StrEnum):
     EC_P256 = "ec-p256"
@@ -19,8 +23,8 @@ class KeyProfile(StrEnum):
     def is_ec(self) -> bool:
         return self is not KeyProfile.RSA_2048
 
-    def hash(self) -> hashes.HashAlgorithm:
-        """SHA-384 for P-384, SHA-256 otherwise (design.md, leaf profile)."""
+    def hash(self) -> SigningHash:
+        """SHA-384 for P-384, SHA-256 otherwise (the leaf profile in README "Output contract")."""
         return hashes.SHA384() if self is KeyProfile.EC_P384 else hashes.SHA256()
 
     @classmethod
@@ -34,7 +38,7 @@ class KeyProfile(StrEnum):
             return cls.RSA_2048
         raise CAError(f"unsupported public key {type(key).__name__}", rule="key profiles")
 
-    def generate_software_key(self) -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
+    def generate_software_key(self) -> PrivateKey:
         """A key outside any HSM: the root in a PKCS#8 file, pkcs8 custody, benchmarks."""
         if self is KeyProfile.EC_P256:
             return ec.generate_private_key(ec.SECP256R1())

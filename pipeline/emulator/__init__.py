@@ -31,16 +31,20 @@ def load_config(data_dir: Path, overrides: dict[str, Any]) -> tuple[Config, Faul
     unknown = set(values) - config_keys - fault_keys
     if unknown:
         raise ValueError(f"unknown emulator settings: {', '.join(sorted(unknown))}")
-    return (Config(**{k: v for k, v in values.items() if k in config_keys}),
-            Faults(**{k: v for k, v in values.items() if k in fault_keys}))
+    return (
+        Config(**{k: v for k, v in values.items() if k in config_keys}),
+        Faults(**{k: v for k, v in values.items() if k in fault_keys}),
+    )
 
 
 def serve_forever(data_dir: Path, overrides: dict[str, Any]) -> None:
     config, faults = load_config(data_dir, overrides)
     emulator = Emulator(data_dir, config, faults)
     info = emulator.start()
-    print(json.dumps({k: v for k, v in info.items() if "connection_string" not in k},
-                     indent=2), flush=True)
+    print(
+        json.dumps({k: v for k, v in info.items() if "connection_string" not in k}, indent=2),
+        flush=True,
+    )
     print(f"emulator running; connection strings in {data_dir / 'emulator.json'}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

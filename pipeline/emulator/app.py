@@ -1,6 +1,6 @@
 """The emulated services: DPS device API, DPS service API, CA certificates with proof of
 possession (a stand-in for ARM), IoT Hub registry and telemetry. Behaviour follows
-reference/dps-protocol.md; the choices made where the reference is silent are listed in
+the wire facts in docs/dps.md; the choices made where public sources are silent are listed in
 docs/emulator.md."""
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ def _now() -> str:
 
 
 def _hub_error(status: int, code: int, name: str, text: str) -> Response:
-    body = {"Message": f"ErrorCode:{name};{text}",
-            "ExceptionMessage": f"Tracking ID:{uuid.uuid4().hex}-G:0-TimeStamp:{_now()}"}
+    body = {
+        "Message": f"ErrorCode:{name};{text}",
+        "ExceptionMessage": f"Tracking ID:{uuid.uuid4().hex}-G:0-TimeStamp:{_now()}",
+    }
     return Response(status, body, {"iothub-errorcode": name})
 
 
@@ -65,8 +67,7 @@ class Emulator:
         self._faults_mtime = 0.0
         self._keys = self._load_keys()
         self.ops = Window(config.operations_per_minute, config.quota_window_seconds)
-        self.registrations = Window(config.registrations_per_minute,
-                                    config.quota_window_seconds)
+        self.registrations = Window(config.registrations_per_minute, config.quota_window_seconds)
         self._polls: dict[str, list[float]] = {}
         self._operations: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -77,8 +78,10 @@ class Emulator:
         path = self.dir / "keys.json"
         if path.exists():
             return dict(json.loads(path.read_text()))
-        keys = {name: base64.b64encode(secrets.token_bytes(32)).decode()
-                for name in ("provisioningserviceowner", "iothubowner")}
+        keys = {
+            name: base64.b64encode(secrets.token_bytes(32)).decode()
+            for name in ("provisioningserviceowner", "iothubowner")
+        }
         path.write_text(json.dumps(keys))
         path.chmod(0o600)
         return keys
@@ -109,18 +112,17 @@ class Emulator:
             "dps_service_endpoint": f"https://{self.service_host}",
             "management_endpoint": f"https://{self.service_host}",
             "id_scope": c.id_scope,
-            "service_connection_string":
+            "service_connection_string": (
                 f"HostName={self.service_host};SharedAccessKeyName=provisioningserviceowner;"
-                f"SharedAccessKey={self._keys['provisioningserviceowner']}",
+                f"SharedAccessKey={self._keys['provisioningserviceowner']}"
+            ),
             "hub_hostname": self.hub_host,
-            "hub_connection_string":
-                f"HostName={self.hub_host};SharedAccessKeyName=iothubowner;"
-                f"SharedAccessKey={self._keys['iothubowner']}",
+            "hub_connection_string": f"HostName={self.hub_host};SharedAccessKeyName=iothubowner;"
+            f"SharedAccessKey={self._keys['iothubowner']}",
             "tls_ca_file": str(ca_file),
             "pid": str(os.getpid()),
         }
-        write_atomic(self.dir / "emulator.json", json.dumps(info, indent=2).encode(),
-                     private=True)
+        write_atomic(self.dir / "emulator.json", json.dumps(info, indent=2).encode(), private=True)
         return info
 
     def stop(self) -> None:
@@ -131,8 +133,7 @@ class Emulator:
     # -- authorisation ------------------------------------------------------------------
     def _sas(self, request: Request, audience: str, policy: str) -> Response | None:
         try:
-            sas.verify(request.headers.get("authorization"), audience,
-                       {policy: self._keys[policy]})
+            sas.verify(request.headers.get("authorization"), audience, {policy: self._keys[policy]})
         except sas.SasError as exc:
             return error(401, 401000, f"Unauthorized: {exc}")
         return None
@@ -154,34 +155,50 @@ class Emulator:
             if len(p) == 1 and m == "POST":
                 return self._bulk(kind, request.json())
             if len(p) == 2 and p[1] == "query" and m == "POST":
-                return self._query(kind, request, "Enrollment" if kind == "enrollment"
-                                   else "EnrollmentGroup")
+                return self._query(
+                    kind, request, "Enrollment" if kind == "enrollment" else "EnrollmentGroup"
+                )
             if len(p) == 2 and m == "GET":
                 found = self.state.get(kind, p[1])
-                return Response(200, self._public(found)) if found else \
-                    error(404, 404201, f"{p[1]} not found")
+                return (
+                    Response(200, self._public(found))
+                    if found
+                    else error(404, 404201, f"{p[1]} not found")
+                )
             if len(p) == 2 and m == "PUT":
                 return self._put_enrollment(kind, p[1], request)
             if len(p) == 2 and m == "DELETE":
                 return self._delete(kind, p[1], request.headers.get("if-match"))
             if len(p) == 3 and p[2] == "attestationmechanism" and m == "POST":
                 found = self.state.get(kind, p[1])
-                return Response(200, self._public(found)["attestation"]) if found else \
-                    error(404, 404201, f"{p[1]} not found")
+                return (
+                    Response(200, self._public(found)["attestation"])
+                    if found
+                    else error(404, 404201, f"{p[1]} not found")
+                )
         if p and p[0] == "registrations":
             if len(p) == 2 and m == "GET":
                 found = self.state.get("registration", p[1])
-                return Response(200, found) if found else \
-                    error(404, 404202, f"registration {p[1]} not found")
+                return (
+                    Response(200, found)
+                    if found
+                    else error(404, 404202, f"registration {p[1]} not found")
+                )
             if len(p) == 2 and m == "DELETE":
                 return self._delete("registration", p[1], request.headers.get("if-match"))
             if len(p) == 3 and p[2] == "query" and m == "POST":
                 group = p[1].lower()
-                matches = [r for r in self.state.all("registration")
-                           if r.get("x509", {}).get("enrollmentGroupId", "").lower() == group]
+                matches = [
+                    r
+                    for r in self.state.all("registration")
+                    if r.get("x509", {}).get("enrollmentGroupId", "").lower() == group
+                ]
                 return Response(200, matches, {"x-ms-item-type": "DeviceRegistration"})
-        return error(404 if m in ("GET", "PUT", "POST", "DELETE") else 405, 404000,
-                     f"no such operation: {m} /{'/'.join(p)}")
+        return error(
+            404 if m in ("GET", "PUT", "POST", "DELETE") else 405,
+            404000,
+            f"no such operation: {m} /{'/'.join(p)}",
+        )
 
     def _validate(self, kind: str, key: str, body: Any) -> tuple[dict[str, Any] | None, str]:
         """(stored form, problem). The stored form keeps the certificates' info only."""
@@ -229,8 +246,9 @@ class Emulator:
     def _public(self, stored: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in stored.items() if not k.startswith("_")}
 
-    def _store(self, kind: str, key: str, stored: dict[str, Any],
-               existing: dict[str, Any] | None) -> dict[str, Any]:
+    def _store(
+        self, kind: str, key: str, stored: dict[str, Any], existing: dict[str, Any] | None
+    ) -> dict[str, Any]:
         now = _now()
         stored["etag"] = new_etag()
         stored["createdDateTimeUtc"] = existing["createdDateTimeUtc"] if existing else now
@@ -271,8 +289,7 @@ class Emulator:
         with self.state.transaction():
             existing = self.state.get(kind, key)
             if existing is None:
-                return error(404, 404201 if kind != "registration" else 404202,
-                             f"{key} not found")
+                return error(404, 404201 if kind != "registration" else 404202, f"{key} not found")
             refused = self._etag_problem(if_match, existing)
             if refused:
                 return refused
@@ -284,8 +301,12 @@ class Emulator:
         id_field = "registrationId" if kind == "enrollment" else "enrollmentGroupId"
         items = body.get(field_name) if isinstance(body, dict) else None
         mode = body.get("mode") if isinstance(body, dict) else None
-        if not isinstance(items, list) or mode not in ("create", "update",
-                                                        "updateIfMatchETag", "delete"):
+        if not isinstance(items, list) or mode not in (
+            "create",
+            "update",
+            "updateIfMatchETag",
+            "delete",
+        ):
             return error(400, 400004, "bulk body needs a list and a mode")
         if len(items) > BULK_LIMIT:
             return error(400, 400004, f"at most {BULK_LIMIT} items per bulk operation")
@@ -309,8 +330,9 @@ class Emulator:
                     elif mode == "create" and existing:
                         code, status = 409201, "Enrollment already exists."
                     elif mode == "updateIfMatchETag" and (
-                            existing is None or str(item.get("etag", "")).strip('"')
-                            != existing["etag"].strip('"')):
+                        existing is None
+                        or str(item.get("etag", "")).strip('"') != existing["etag"].strip('"')
+                    ):
                         code, status = 412201, "ETag does not match."
                     else:
                         self._store(kind, key, stored, existing)
@@ -339,22 +361,29 @@ class Emulator:
             return denied
         p, m = request.path, request.method
         if len(p) == 1 and m == "GET":
-            return Response(200, {"value": [self._cert_view(c) for c in
-                                            self.state.all("certificate")]})
+            return Response(
+                200, {"value": [self._cert_view(c) for c in self.state.all("certificate")]}
+            )
         if len(p) < 2:
             return error(404, 404000, "no such operation")
         name = p[1]
         with self.state.transaction():
             existing = self.state.get("certificate", name)
             if len(p) == 2 and m == "GET":
-                return Response(200, self._cert_view(existing)) if existing else \
-                    error(404, 404203, f"certificate {name} not found")
+                return (
+                    Response(200, self._cert_view(existing))
+                    if existing
+                    else error(404, 404203, f"certificate {name} not found")
+                )
             if len(p) == 2 and m == "PUT":
                 return self._put_certificate(name, request, existing)
             if existing is None:
                 return error(404, 404203, f"certificate {name} not found")
-            refused = self._etag_problem(request.headers.get("if-match") or "", existing) \
-                if m != "GET" else None
+            refused = (
+                self._etag_problem(request.headers.get("if-match") or "", existing)
+                if m != "GET"
+                else None
+            )
             if refused:
                 return refused
             if len(p) == 2 and m == "DELETE":
@@ -371,8 +400,9 @@ class Emulator:
                 return self._verify_pop(name, request, existing)
         return error(404, 404000, "no such operation")
 
-    def _put_certificate(self, name: str, request: Request,
-                         existing: dict[str, Any] | None) -> Response:
+    def _put_certificate(
+        self, name: str, request: Request, existing: dict[str, Any] | None
+    ) -> Response:
         body = request.json() if request.body else {}
         props = body.get("properties", {}) if isinstance(body, dict) else {}
         if existing and self._etag_problem(request.headers.get("if-match") or "", existing):
@@ -383,9 +413,14 @@ class Emulator:
             return error(400, 400004, f"certificate: {exc}")
         if len(self.state.all("certificate")) >= 25 and not existing:
             return error(400, 400004, "at most 25 CA certificates")
-        record = {"name": name, "pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
-            "isVerified": bool(props.get("isVerified", False)), "etag": new_etag(),
-            "created": existing["created"] if existing else _rfc7231(), "updated": _rfc7231()}
+        record = {
+            "name": name,
+            "pem": cert.public_bytes(serialization.Encoding.PEM).decode(),
+            "isVerified": bool(props.get("isVerified", False)),
+            "etag": new_etag(),
+            "created": existing["created"] if existing else _rfc7231(),
+            "updated": _rfc7231(),
+        }
         self.state.put("certificate", name, record)
         return Response(200, self._cert_view(record))
 
@@ -410,18 +445,27 @@ class Emulator:
     @staticmethod
     def _cert_view(record: dict[str, Any]) -> dict[str, Any]:
         cert = x509.load_pem_x509_certificate(record["pem"].encode())
-        return {"name": record["name"], "etag": record["etag"], "type":
-                "Microsoft.Devices/provisioningServices/Certificates",
-                "id": f"/certificates/{record['name']}",
-                "properties": {"subject": certs.common_name(cert),
-                               "expiry": _rfc7231(cert.not_valid_after_utc),
-                               "thumbprint": certs.thumbprint(cert, "sha1"),
-                               "isVerified": record["isVerified"],
-                               "created": record["created"], "updated": record["updated"]}}
+        return {
+            "name": record["name"],
+            "etag": record["etag"],
+            "type": "Microsoft.Devices/provisioningServices/Certificates",
+            "id": f"/certificates/{record['name']}",
+            "properties": {
+                "subject": certs.common_name(cert),
+                "expiry": _rfc7231(cert.not_valid_after_utc),
+                "thumbprint": certs.thumbprint(cert, "sha1"),
+                "isVerified": record["isVerified"],
+                "created": record["created"],
+                "updated": record["updated"],
+            },
+        }
 
     def verified_cas(self) -> list[x509.Certificate]:
-        return [x509.load_pem_x509_certificate(r["pem"].encode())
-                for r in self.state.all("certificate") if r.get("isVerified")]
+        return [
+            x509.load_pem_x509_certificate(r["pem"].encode())
+            for r in self.state.all("certificate")
+            if r.get("isVerified")
+        ]
 
     # ======================================================================== DPS device
     def device_api(self, request: Request) -> Response:
@@ -434,8 +478,9 @@ class Emulator:
         if len(p) == 4 and p[3] == "register" and m == "PUT":
             wait = self.registrations.take()
             if wait is not None:
-                return error(429, 429001, "Registrations quota exceeded",
-                             {"Retry-After": str(wait)})
+                return error(
+                    429, 429001, "Registrations quota exceeded", {"Retry-After": str(wait)}
+                )
             return self._register(rid, request)
         if len(p) == 5 and p[3] == "operations" and m == "GET":
             return self._operation(rid, p[4], request)
@@ -444,12 +489,16 @@ class Emulator:
             if isinstance(denied, Response):
                 return denied
             found = self.state.get("registration", rid)
-            return Response(200, found) if found else \
-                error(404, 404202, f"registration {rid} not found")
+            return (
+                Response(200, found)
+                if found
+                else error(404, 404202, f"registration {rid} not found")
+            )
         return error(404, 404000, "no such operation")
 
-    def _authenticate_device(self, rid: str, request: Request
-                             ) -> Response | tuple[dict[str, Any], str, str | None]:
+    def _authenticate_device(
+        self, rid: str, request: Request
+    ) -> Response | tuple[dict[str, Any], str, str | None]:
         """(enrollment, kind, group id) for the device whose chain is presented, or a
         401 like DPS's: the chain must reach a trusted certificate, the leaf CN must be the
         registration ID, and an enrollment must match (individual first, then groups from
@@ -475,15 +524,16 @@ class Emulator:
 
     def _trusted(self, chain: list[x509.Certificate]) -> bool:
         """Self-signed leaf: its enrollment is the trust. Otherwise the chain must reach a
-        CA verified by proof of possession (DOC-X509)."""
+        CA verified by proof of possession (docs/dps.md)."""
         leaf = chain[0]
         if leaf.subject == leaf.issuer and certs.signed_by(leaf, leaf):
             return True
         verified = self.verified_cas()
         for link in chain:
             for ca_cert in verified:
-                if link == ca_cert or (link.issuer == ca_cert.subject and
-                                       certs.signed_by(link, ca_cert)):
+                if link == ca_cert or (
+                    link.issuer == ca_cert.subject and certs.signed_by(link, ca_cert)
+                ):
                     return True
         return False
 
@@ -494,10 +544,12 @@ class Emulator:
             if not record or not record.get("isVerified"):
                 return False
             ca_cert = x509.load_pem_x509_certificate(record["pem"].encode())
-            return link == ca_cert or (link.issuer == ca_cert.subject and
-                                       certs.signed_by(link, ca_cert))
-        prints = {s["info"]["sha256Thumbprint"]
-                  for s in att.get("signingCertificates", {}).values()}
+            return link == ca_cert or (
+                link.issuer == ca_cert.subject and certs.signed_by(link, ca_cert)
+            )
+        prints = {
+            s["info"]["sha256Thumbprint"] for s in att.get("signingCertificates", {}).values()
+        }
         return certs.thumbprint(link, "sha256") in prints
 
     def _register(self, rid: str, request: Request) -> Response:
@@ -515,13 +567,23 @@ class Emulator:
         leaf = request.chain[0]
         with self._lock:
             self._operations[operation_id] = {
-                "rid": rid, "ready": time.monotonic() + self.config.assign_seconds,
-                "enrollment": enrollment, "kind": kind, "group": group_id,
-                "leaf": certs.info(leaf), "payload": body.get("payload")}
-        return Response(202, {"operationId": operation_id, "status": "assigning"},
-                        {"Retry-After": str(self.config.retry_after),
-                         "Location": f"/{self.config.id_scope}/registrations/{rid}/operations/"
-                                     f"{operation_id}"})
+                "rid": rid,
+                "ready": time.monotonic() + self.config.assign_seconds,
+                "enrollment": enrollment,
+                "kind": kind,
+                "group": group_id,
+                "leaf": certs.info(leaf),
+                "payload": body.get("payload"),
+            }
+        return Response(
+            202,
+            {"operationId": operation_id, "status": "assigning"},
+            {
+                "Retry-After": str(self.config.retry_after),
+                "Location": f"/{self.config.id_scope}/registrations/{rid}/operations/"
+                f"{operation_id}",
+            },
+        )
 
     def _operation(self, rid: str, operation_id: str, request: Request) -> Response:
         now = time.monotonic()
@@ -529,8 +591,12 @@ class Emulator:
             polls = [t for t in self._polls.get(rid, []) if now - t < 10]
             if len(polls) >= self.config.polls_per_10s:
                 self._polls[rid] = polls
-                return error(429, 429001, "Device polling limit exceeded",
-                             {"Retry-After": str(max(1, int(10 - (now - polls[0])) + 1))})
+                return error(
+                    429,
+                    429001,
+                    "Device polling limit exceeded",
+                    {"Retry-After": str(max(1, int(10 - (now - polls[0])) + 1))},
+                )
             self._polls[rid] = [*polls, now]
             operation = self._operations.get(operation_id)
         if operation is None or operation["rid"] != rid:
@@ -539,57 +605,87 @@ class Emulator:
         if isinstance(denied, Response):
             return denied
         if now < operation["ready"]:
-            return Response(202, {"operationId": operation_id, "status": "assigning"},
-                            {"Retry-After": str(self.config.retry_after)})
+            return Response(
+                202,
+                {"operationId": operation_id, "status": "assigning"},
+                {"Retry-After": str(self.config.retry_after)},
+            )
         state = operation.get("result") or self._assign(operation)
         operation["result"] = state
-        return Response(200, {"operationId": operation_id, "status": state["status"],
-                              "registrationState": state})
+        return Response(
+            200,
+            {"operationId": operation_id, "status": state["status"], "registrationState": state},
+        )
 
     def _assign(self, operation: dict[str, Any]) -> dict[str, Any]:
         rid = operation["rid"]
         # the enrollment as it is now: it may have been disabled while the device polled
-        current = (self.state.get("enrollment", rid) if operation["kind"] == "individual"
-                   else self.state.get("group", operation["group"])) or operation["enrollment"]
+        current = (
+            self.state.get("enrollment", rid)
+            if operation["kind"] == "individual"
+            else self.state.get("group", operation["group"])
+        ) or operation["enrollment"]
         now = _now()
         previous = self.state.get("registration", rid)
         state: dict[str, Any] = {
             "registrationId": rid,
             "createdDateTimeUtc": previous["createdDateTimeUtc"] if previous else now,
-            "lastUpdatedDateTimeUtc": now, "etag": new_etag(),
-            "x509": ({"enrollmentGroupId": operation["group"],
-                      "certificateInfo": operation["leaf"]} if operation["group"] else {}),
+            "lastUpdatedDateTimeUtc": now,
+            "etag": new_etag(),
+            "x509": (
+                {"enrollmentGroupId": operation["group"], "certificateInfo": operation["leaf"]}
+                if operation["group"]
+                else {}
+            ),
         }
         if current.get("provisioningStatus") == "disabled":
             state.update(status="disabled")
             return state
         device_id = current.get("deviceId") or rid
         hub = self.hub_host
-        state.update(status="assigned", substatus="initialAssignment", assignedHub=hub,
-                     deviceId=device_id)
+        state.update(
+            status="assigned", substatus="initialAssignment", assignedHub=hub, deviceId=device_id
+        )
         self.state.put("registration", rid, state)
         with self.state.transaction():
             device = self.state.get("device", device_id)
             if device is None:
-                auth: dict[str, Any] = {"type": "certificateAuthority"} if operation["group"] \
-                    else {"type": "selfSigned", "x509Thumbprint": {
-                        "primaryThumbprint": operation["leaf"]["sha1Thumbprint"],
-                        "secondaryThumbprint": None}}
+                auth: dict[str, Any] = (
+                    {"type": "certificateAuthority"}
+                    if operation["group"]
+                    else {
+                        "type": "selfSigned",
+                        "x509Thumbprint": {
+                            "primaryThumbprint": operation["leaf"]["sha1Thumbprint"],
+                            "secondaryThumbprint": None,
+                        },
+                    }
+                )
                 self.state.put("device", device_id, self._new_device(device_id, auth))
         return state
 
     # ============================================================================ IoT Hub
     @staticmethod
-    def _new_device(device_id: str, auth: dict[str, Any], status: str = "enabled"
-                    ) -> dict[str, Any]:
-        return {"deviceId": device_id, "generationId": str(time.time_ns()),
-                "etag": base64.b64encode(str(time.time_ns()).encode()).decode(),
-                "connectionState": "Disconnected", "status": status, "statusReason": None,
-                "connectionStateUpdatedTime": "0001-01-01T00:00:00",
-                "statusUpdatedTime": "0001-01-01T00:00:00",
-                "lastActivityTime": "0001-01-01T00:00:00", "cloudToDeviceMessageCount": 0,
-                "authentication": auth, "capabilities": {"iotEdge": False},
-                "deviceScope": None, "parentScopes": [], "_messages": 0}
+    def _new_device(
+        device_id: str, auth: dict[str, Any], status: str = "enabled"
+    ) -> dict[str, Any]:
+        return {
+            "deviceId": device_id,
+            "generationId": str(time.time_ns()),
+            "etag": base64.b64encode(str(time.time_ns()).encode()).decode(),
+            "connectionState": "Disconnected",
+            "status": status,
+            "statusReason": None,
+            "connectionStateUpdatedTime": "0001-01-01T00:00:00",
+            "statusUpdatedTime": "0001-01-01T00:00:00",
+            "lastActivityTime": "0001-01-01T00:00:00",
+            "cloudToDeviceMessageCount": 0,
+            "authentication": auth,
+            "capabilities": {"iotEdge": False},
+            "deviceScope": None,
+            "parentScopes": [],
+            "_messages": 0,
+        }
 
     def hub_api(self, request: Request) -> Response:
         p, m = request.path, request.method
@@ -600,22 +696,27 @@ class Emulator:
         if len(p) != 2 or p[0] != "devices":
             return _hub_error(404, 404001, "NotFound", "no such operation")
         try:
-            sas.verify(request.headers.get("authorization"), self.hub_host,
-                       {"iothubowner": self._keys["iothubowner"]})
+            sas.verify(
+                request.headers.get("authorization"),
+                self.hub_host,
+                {"iothubowner": self._keys["iothubowner"]},
+            )
         except sas.SasError as exc:
             return _hub_error(401, 401002, "IotHubUnauthorizedAccess", str(exc))
         device_id = p[1]
         with self.state.transaction():
             existing = self.state.get("device", device_id)
             if m == "GET":
-                return Response(200, self._public(existing)) if existing else \
-                    _hub_error(404, 404001, "DeviceNotFound", f"{device_id} not found")
+                return (
+                    Response(200, self._public(existing))
+                    if existing
+                    else _hub_error(404, 404001, "DeviceNotFound", f"{device_id} not found")
+                )
             if_match = request.headers.get("if-match")
             if m == "DELETE":
                 if existing is None:
                     return _hub_error(404, 404001, "DeviceNotFound", f"{device_id} not found")
-                if if_match not in (None, "*", '"*"') and \
-                        if_match.strip('"') != existing["etag"]:
+                if if_match not in (None, "*", '"*"') and if_match.strip('"') != existing["etag"]:
                     return _hub_error(412, 412001, "PreconditionFailed", "etag mismatch")
                 self.state.delete("device", device_id)
                 return Response(204)
@@ -624,10 +725,14 @@ class Emulator:
                 if not isinstance(body, dict) or body.get("deviceId") != device_id:
                     return _hub_error(400, 400004, "ArgumentInvalid", "deviceId mismatch")
                 if existing and if_match is None:
-                    return _hub_error(409, 409001, "DeviceAlreadyExists",
-                                      f"{device_id} already exists")
-                if existing and if_match not in ("*", '"*"') and \
-                        if_match.strip('"') != existing["etag"]:
+                    return _hub_error(
+                        409, 409001, "DeviceAlreadyExists", f"{device_id} already exists"
+                    )
+                if (
+                    existing
+                    and if_match not in (None, "*", '"*"')
+                    and if_match.strip('"') != existing["etag"]
+                ):
                     return _hub_error(412, 412001, "PreconditionFailed", "etag mismatch")
                 if if_match is not None and existing is None:
                     return _hub_error(404, 404001, "DeviceNotFound", f"{device_id} not found")
@@ -654,8 +759,13 @@ class Emulator:
             ok = certs.thumbprint(leaf, "sha1") in {p.upper() for p in prints}
         elif auth.get("type") == "certificateAuthority":
             ok = certs.common_name(leaf) == device_id and (
-                self._trusted(chain) or any(self._group_signs(g, link) for g in
-                                            self.state.all("group") for link in chain[1:]))
+                self._trusted(chain)
+                or any(
+                    self._group_signs(g, link)
+                    for g in self.state.all("group")
+                    for link in chain[1:]
+                )
+            )
         else:
             ok = False
         if not ok:
@@ -671,4 +781,3 @@ class Emulator:
 
 def _rfc7231(when: dt.datetime | None = None) -> str:
     return (when or dt.datetime.now(dt.UTC)).strftime("%a, %d %b %Y %H:%M:%S GMT")
-

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from ..ca import common_name, signed_by
+from ..ca.certs import common_name, signed_by
 from ..files import write_atomic
 
 __all__ = ["common_name", "signed_by"]  # the emulator's certificate vocabulary, in one place
@@ -24,35 +24,47 @@ __all__ = ["common_name", "signed_by"]  # the emulator's certificate vocabulary,
 
 def server_identity(data_dir: Path) -> tuple[Path, Path, Path]:
     """(CA file, server cert, server key) in the data directory; made on first start."""
-    ca_file, cert_file, key_file = (data_dir / n for n in
-                                    ("server-ca.pem", "server.cert.pem", "server.key.pem"))
+    ca_file, cert_file, key_file = (
+        data_dir / n for n in ("server-ca.pem", "server.cert.pem", "server.key.pem")
+    )
     if ca_file.exists() and cert_file.exists() and key_file.exists():
         return ca_file, cert_file, key_file
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "provline emulator CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - dt.timedelta(minutes=5))
-          .not_valid_after(now + dt.timedelta(days=3650))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
     names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-            .issuer_name(ca_name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=3650))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     pem = serialization.Encoding.PEM
     write_atomic(ca_file, ca.public_bytes(pem))
     write_atomic(cert_file, cert.public_bytes(pem))
-    write_atomic(key_file, key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                             serialization.NoEncryption()), private=True)
+    write_atomic(
+        key_file,
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        private=True,
+    )
     return ca_file, cert_file, key_file
 
 
@@ -76,7 +88,7 @@ def thumbprint(cert: x509.Certificate, algorithm: str = "sha1") -> str:
 
 
 def _name(name: x509.Name) -> str:
-    return ", ".join(f"{a.rfc4514_attribute_name}={a.value}" for a in reversed(list(name)))
+    return ", ".join(a.rfc4514_string() for a in reversed(list(name)))
 
 
 def _utc(value: dt.datetime) -> str:
@@ -84,13 +96,16 @@ def _utc(value: dt.datetime) -> str:
 
 
 def info(cert: x509.Certificate) -> dict[str, object]:
-    """X509CertificateInfo (reference §1.4): every field required."""
+    """X509CertificateInfo (docs/dps.md): every field required."""
     return {
-        "subjectName": _name(cert.subject), "sha1Thumbprint": thumbprint(cert, "sha1"),
-        "sha256Thumbprint": thumbprint(cert, "sha256"), "issuerName": _name(cert.issuer),
+        "subjectName": _name(cert.subject),
+        "sha1Thumbprint": thumbprint(cert, "sha1"),
+        "sha256Thumbprint": thumbprint(cert, "sha256"),
+        "issuerName": _name(cert.issuer),
         "notBeforeUtc": _utc(cert.not_valid_before_utc),
         "notAfterUtc": _utc(cert.not_valid_after_utc),
-        "serialNumber": format(cert.serial_number, "X"), "version": 3,
+        "serialNumber": format(cert.serial_number, "X"),
+        "version": 3,
     }
 
 

@@ -108,8 +108,13 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], ssl_context: SSL.Context, route: Handler,
-                 faults: Callable[[], Faults]) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        ssl_context: SSL.Context,
+        route: Handler,
+        faults: Callable[[], Faults],
+    ) -> None:
         self.ssl_context = ssl_context
         self.route = route
         self.faults = faults
@@ -172,8 +177,12 @@ class _RequestHandler(BaseHTTPRequestHandler):
         )
         if faults.error_rate and random.random() < faults.error_rate:
             status = random.choice((500, 503))
-            response = error(status, status * 1000 + 1, "injected fault",
-                             {"Retry-After": "1"} if status == 503 else None)
+            response = error(
+                status,
+                status * 1000 + 1,
+                "injected fault",
+                {"Retry-After": "1"} if status == 503 else None,
+            )
         else:
             try:
                 response = self.server.route(request)
@@ -197,11 +206,14 @@ class _RequestHandler(BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_DELETE = do_PATCH = _serve
 
 
-def error(status: int, code: int, message: str,
-          headers: dict[str, str] | None = None) -> Response:
+def error(status: int, code: int, message: str, headers: dict[str, str] | None = None) -> Response:
     """A DPS error body (ProvisioningServiceErrorDetails) with x-ms-error-code."""
-    body = {"errorCode": code, "trackingId": str(uuid.uuid4()), "message": message,
-            "timestampUtc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    body = {
+        "errorCode": code,
+        "trackingId": str(uuid.uuid4()),
+        "message": message,
+        "timestampUtc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     return Response(status, body, {"x-ms-error-code": str(code), **(headers or {})})
 
 
@@ -217,9 +229,11 @@ def tls_context(cert_file: Path, key_file: Path) -> SSL.Context:
     return ctx
 
 
-def serve(host: str, port: int, ctx: SSL.Context, route: Handler,
-          faults: Callable[[], Faults]) -> _Server:
+def serve(
+    host: str, port: int, ctx: SSL.Context, route: Handler, faults: Callable[[], Faults]
+) -> _Server:
     server = _Server((host, port), ctx, route, faults)
-    threading.Thread(target=server.serve_forever, name=f"emulator:{server.server_port}",
-                     daemon=True).start()
+    threading.Thread(
+        target=server.serve_forever, name=f"emulator:{server.server_port}", daemon=True
+    ).start()
     return server

@@ -1,0 +1,424 @@
+"""Offline verification of a sealed batch, for auditors: no HSM, no network, no journal.
+
+Checks, in order, stopping at the first failure with what and where:
+
+1. the detached CMS signature ``audit.jsonl.p7s`` (over its signed attributes) and the
+   signer's certificate chain up to the trusted root;
+2. the hash chain and the sequence of ``audit.jsonl``, read once as a stream (names the first
+   bad line), while hashing it;
+3. that the signature's message digest is this exact file, and that the log ends with the
+   ``seal`` event the signature was made for;
+4. that every bundle file on disk has the SHA-256 the log recorded for it, and that no bundle
+   file is unrecorded;
+5. that every serial ever intended ends ``issued``, ``void`` or ``unused``;
+6. that ``report.json`` agrees with the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from asn1crypto import cms
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+
+from ..ca.certs import is_ca, signed_by, thumbprints
+from ..errors import AuditError
+from ..layout import AUDIT_LOG, AUDIT_SEAL, DEVICE_JSON, REPORT, TEMP_SUFFIX
+from ..vocabulary import (
+    REGISTRATION_STATES,
+    REWORK_STATES,
+    AuditEvent,
+    DeviceState,
+    SerialState,
+)
+from .log import GENESIS
+
+_HASHES: dict[str, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
+    "sha256": hashes.SHA256,
+    "sha384": hashes.SHA384,
+    "sha512": hashes.SHA512,
+}
+
+
+@dataclass
+class Summary:
+    batch_id: str = ""
+    station: str = ""
+    signer: str = ""
+    first_time: str = ""
+    last_time: str = ""
+    lines: int = 0
+    ca_sha256: dict[str, str] = field(default_factory=dict)
+    devices: dict[str, int] = field(default_factory=dict)
+    serials: dict[str, int] = field(default_factory=dict)
+    failures: list[dict[str, str]] = field(default_factory=list)
+    voids: list[dict[str, str]] = field(default_factory=list)
+    files_checked: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def verify_batch(batch_dir: Path, root: x509.Certificate | None = None) -> Summary:
+    """Verify ``batch_dir``; raise :class:`AuditError` naming the first problem. The log is
+    read once, as a stream: memory grows with the number of devices, not of log lines."""
+    log_path = batch_dir / AUDIT_LOG
+    if not log_path.is_file() or log_path.stat().st_size == 0:
+        raise AuditError(
+            "no audit log, or an empty one", where=str(log_path), rule="a sealed batch"
+        )
+    with log_path.open("rb") as handle:
+        first = json.loads(handle.readline() or b"{}")
+    start = first.get("data", {}) if first.get("event") == "batch_start" else {}
+    summary = Summary(
+        batch_id=start.get("batch_id", ""),
+        station=start.get("station", ""),
+        ca_sha256=start.get("ca_sha256", {}),
+    )
+    seal = _read_seal(batch_dir / AUDIT_SEAL, root, summary.ca_sha256)
+    summary.signer = seal.signer.subject.rfc4514_string()
+
+    replay = _Replay(log_path)
+    digest = hashes.Hash(seal.algorithm)
+    last: dict[str, Any] = {}
+    for number, record in _records(log_path, digest):
+        replay.feed(number, record)
+        summary.first_time = summary.first_time or record["time"]
+        last, summary.lines = record, number
+    summary.last_time = last["time"]
+    if digest.finalize() != seal.message_digest:
+        raise AuditError(
+            f"the signature does not cover this {AUDIT_LOG} (changed, truncated "
+            "or extended after sealing)",
+            where=str(seal.path),
+            rule="CMS message digest",
+        )
+    if last["event"] != AuditEvent.SEAL:
+        raise AuditError(
+            f"the log ends with {last['event']!r}, not the seal event",
+            where=f"{log_path}:{summary.lines}",
+            rule="sealed logs end with seal",
+        )
+    if last["data"].get("signer_sha256") != thumbprints(seal.signer).sha256:
+        raise AuditError(
+            "the seal event names another signer than the signature's",
+            where=f"{log_path}:{summary.lines}",
+            rule="seal names its signer",
+        )
+
+    summary.files_checked = _check_files(batch_dir, replay.files)
+    _check_serials(replay.serials, log_path)
+    summary.devices = _count(replay.state.values())
+    summary.serials = _count(s for s, _ in replay.serials.values())
+    summary.voids = [
+        {"registration_id": r, "serial": s}
+        for s, (st, r) in replay.serials.items()
+        if st is SerialState.VOID
+    ]
+    summary.failures = replay.failures()
+    _check_report(batch_dir, summary)
+    return summary
+
+
+def _records(path: Path, digest: hashes.Hash) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Each record with its line number, after checking sequence and hash chain; every byte
+    read also goes into ``digest`` (the CMS message digest)."""
+    prev = GENESIS
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            digest.update(raw)
+            where = f"{path}:{number}"
+            if not raw.endswith(b"\n"):
+                raise AuditError(
+                    "the last line is cut short (truncated log)", where=where, rule="complete lines"
+                )
+            line = raw[:-1]
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                raise AuditError(
+                    "not a JSON record (changed or damaged)",
+                    where=where,
+                    rule="audit lines are JSON records",
+                ) from exc
+            seq = record.get("seq") if isinstance(record, dict) else None
+            if seq != number:
+                raise AuditError(
+                    f"sequence number {seq} where {number} was expected (a line "
+                    "was deleted, inserted or moved)",
+                    where=where,
+                    rule="sequence continuity",
+                )
+            if record.get("prev") != prev:
+                raise AuditError(
+                    "prev does not match the hash of the line before (that line "
+                    "or this one was changed)",
+                    where=where,
+                    rule="hash chain",
+                )
+            prev = hashlib.sha256(line).hexdigest()
+            yield number, record
+
+
+@dataclass
+class _Seal:
+    path: Path
+    signer: x509.Certificate
+    algorithm: hashes.HashAlgorithm
+    message_digest: bytes
+
+
+def _read_seal(p7s: Path, root: x509.Certificate | None, ca_sha256: dict[str, str]) -> _Seal:
+    """Parse the detached CMS, check its signature over the signed attributes and the
+    signer's chain to the root. The content digest is compared after the log is read."""
+    if not p7s.is_file():
+        raise AuditError(
+            "the batch is not sealed (no signature file)", where=str(p7s), rule="a sealed batch"
+        )
+    try:
+        signed = cms.ContentInfo.load(p7s.read_bytes())["content"]
+        certs = [x509.load_der_x509_certificate(c.chosen.dump()) for c in signed["certificates"]]
+        info = signed["signer_infos"][0]
+        sid = info["sid"].chosen
+        attrs = info["signed_attrs"]
+        digest_name = info["digest_algorithm"]["algorithm"].native
+        signature = info["signature"].native
+        wanted = next(a["values"][0].native for a in attrs if a["type"].native == "message_digest")
+    except Exception as exc:  # asn1crypto raises many types for malformed DER
+        raise AuditError(
+            f"not a CMS SignedData: {exc}", where=str(p7s), rule="detached CMS signature"
+        ) from exc
+    if digest_name not in _HASHES:
+        raise AuditError(
+            f"digest {digest_name} is not accepted", where=str(p7s), rule="SHA-2 digests"
+        )
+    signer = next(
+        (
+            c
+            for c in certs
+            if c.serial_number == sid["serial_number"].native
+            and c.issuer.public_bytes() == sid["issuer"].dump()
+        ),
+        None,
+    )
+    if signer is None:
+        raise AuditError(
+            "the signer's certificate is not embedded",
+            where=str(p7s),
+            rule="detached CMS signature",
+        )
+    algorithm = _HASHES[digest_name]()
+    signed_bytes = b"\x31" + attrs.dump()[1:]  # signed attributes are signed as a SET OF
+    key = signer.public_key()
+    try:
+        if isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, signed_bytes, ec.ECDSA(algorithm))
+        elif isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, signed_bytes, padding.PKCS1v15(), algorithm)
+        else:
+            raise AuditError("unsupported signer key", where=str(p7s), rule="EC or RSA signer")
+    except InvalidSignature as exc:
+        raise AuditError(
+            "the CMS signature is invalid", where=str(p7s), rule="CMS signature"
+        ) from exc
+    anchor = root or _root_from_log(certs, ca_sha256, p7s)
+    _check_path(signer, certs, anchor, p7s)
+    return _Seal(p7s, signer, algorithm, wanted)
+
+
+def _root_from_log(
+    certs: list[x509.Certificate], ca_sha256: dict[str, str], p7s: Path
+) -> x509.Certificate:
+    """Without --root, trust the self-signed certificate whose fingerprint the log's
+    batch_start recorded (weaker: give --root to anchor the check outside the batch)."""
+    logged = set(ca_sha256.values())
+    for cert in certs:
+        if cert.subject == cert.issuer and thumbprints(cert).sha256 in logged:
+            return cert
+    raise AuditError("no trust anchor: give --root", where=str(p7s), rule="signer chain")
+
+
+def _check_path(
+    signer: x509.Certificate, certs: list[x509.Certificate], root: x509.Certificate, p7s: Path
+) -> None:
+    current = signer
+    for _ in range(8):
+        if current == root or signed_by(current, root):
+            return
+        parent = next(
+            (c for c in certs if c.subject == current.issuer and c != current and is_ca(c)), None
+        )
+        if parent is None:
+            break
+        if not signed_by(current, parent):
+            raise AuditError(
+                f"{current.subject.rfc4514_string()} is not signed by "
+                f"{parent.subject.rfc4514_string()}",
+                where=str(p7s),
+                rule="signer chain",
+            )
+        current = parent
+    raise AuditError(
+        f"the signer {signer.subject.rfc4514_string()} does not chain to the root "
+        f"{root.subject.rfc4514_string()}",
+        where=str(p7s),
+        rule="signer chain",
+    )
+
+
+class _Replay:
+    """Replays events: final state per device, the files of each device's current bundle,
+    and (state, device) per serial. A serial may be voided without a logged intent: the
+    journal commits intents just before the log does, and nothing is signed in between."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.state: dict[str, DeviceState] = {}
+        self.files: dict[str, dict[str, str]] = {}
+        self.current: dict[str, str] = {}  # device -> serial of its current bundle
+        self.serials: dict[str, tuple[SerialState, str]] = {}
+        self.reasons: dict[str, str] = {}
+
+    def feed(self, number: int, record: dict[str, Any]) -> None:
+        try:
+            event = AuditEvent(record["event"])
+        except ValueError:
+            return  # an event this verifier does not interpret; the hash chain covers it
+        raw = record.get("data")
+        data: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        rid, serial = str(record.get("registration_id") or ""), str(data.get("serial") or "")
+        state, serials = self.state, self.serials
+        if event is AuditEvent.INTENT:
+            serials[serial] = (SerialState.INTENT, rid)
+            state[rid] = DeviceState.INTENT
+        elif event is AuditEvent.ISSUED:
+            if serial not in serials or serials[serial][0] is not SerialState.INTENT:
+                raise AuditError(
+                    f"serial {serial} issued without an open intent",
+                    where=f"{self.path}:{number}",
+                    rule="intent before signing",
+                )
+            serials[serial] = (SerialState.ISSUED, rid)
+            state[rid], self.files[rid], self.current[rid] = (
+                DeviceState.BUNDLED,
+                data["files"],
+                serial,
+            )
+        elif event in (AuditEvent.VOID, AuditEvent.UNUSED):
+            serials[serial] = (SerialState(event.value), rid)
+            if self.current.get(rid) == serial:
+                del self.current[rid], self.files[rid]
+            current = state.get(rid)
+            if current is None or not current.has_bundle or rid not in self.current:
+                state[rid] = (
+                    DeviceState.FAILED if event is AuditEvent.UNUSED else DeviceState.PLANNED
+                )
+        elif event is AuditEvent.FAILED:
+            state[rid] = DeviceState.FAILED
+            self.reasons[rid] = data.get("reason", "")
+        elif event in REGISTRATION_STATES:
+            current = state.get(rid)
+            if current is None or not current.has_bundle:
+                raise AuditError(
+                    f"{event} for {rid}, which has no bundle",
+                    where=f"{self.path}:{number}",
+                    rule="register after bundling",
+                )
+            state[rid] = REGISTRATION_STATES[event]
+            if event is not AuditEvent.REGISTERED:
+                self.reasons[rid] = data.get("reason", "")
+
+    def failures(self) -> list[dict[str, str]]:
+        return [
+            {"registration_id": r, "state": self.state[r].value, "reason": why}
+            for r, why in self.reasons.items()
+            if self.state.get(r) in REWORK_STATES
+        ]
+
+
+def _check_files(batch_dir: Path, files: dict[str, dict[str, str]]) -> int:
+    checked = 0
+    for rid, recorded in files.items():
+        directory = batch_dir / rid
+        for name, digest in recorded.items():
+            path = directory / name
+            if not path.is_file():
+                raise AuditError(
+                    "recorded bundle file is missing", where=str(path), rule="bundles match the log"
+                )
+            if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+                raise AuditError(
+                    "file differs from the hash the log recorded",
+                    where=str(path),
+                    rule="bundles match the log",
+                )
+            checked += 1
+        for path in directory.iterdir():
+            if path.name not in recorded and not path.name.endswith(TEMP_SUFFIX):
+                raise AuditError(
+                    "bundle file not recorded in the log",
+                    where=str(path),
+                    rule="bundles match the log",
+                )
+    for directory in batch_dir.iterdir():
+        if directory.is_dir() and directory.name not in files and any(directory.iterdir()):
+            bundle = directory / DEVICE_JSON
+            if bundle.exists():
+                raise AuditError(
+                    "bundle not recorded in the log",
+                    where=str(directory),
+                    rule="bundles match the log",
+                )
+    return checked
+
+
+def _check_serials(serials: dict[str, tuple[SerialState, str]], path: Path) -> None:
+    for serial, (state, rid) in serials.items():
+        if state is SerialState.INTENT:
+            raise AuditError(
+                f"serial {serial} of {rid} ends as an intent (neither issued nor void)",
+                where=str(path),
+                rule="every serial accounted for",
+            )
+
+
+def _check_report(batch_dir: Path, summary: Summary) -> None:
+    path = batch_dir / REPORT
+    if not path.is_file():
+        raise AuditError("no report", where=str(path), rule="report agrees with the log")
+    report = json.loads(path.read_text())
+    checks = {
+        "batch_id": (report.get("batch_id"), summary.batch_id),
+        "serials": (report.get("serials"), summary.serials),
+        "device states": (
+            {k: v for k, v in report.get("counts", {}).items() if k != DeviceState.PLANNED},
+            {k: v for k, v in summary.devices.items() if k != DeviceState.PLANNED},
+        ),
+        "void serials": (
+            sorted(v["serial"] for v in report.get("void_serials", [])),
+            sorted(v["serial"] for v in summary.voids),
+        ),
+    }
+    for what, (reported, logged) in checks.items():
+        if reported != logged:
+            raise AuditError(
+                f"{what}: report says {reported}, the log says {logged}",
+                where=str(path),
+                rule="report agrees with the log",
+            )
+
+
+def _count(values: Iterable[StrEnum]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value.value] = counts.get(value.value, 0) + 1
+    return counts

@@ -1,0 +1,42 @@
+"""The station's signing set-up, done the same way in the orchestrator and in every worker:
+log in to the station token, find the issuing key, check it against the chain."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import hsm
+from ..ca.builders import Issuer
+from ..ca.chain import Chain, load_chain
+from ..config.station import Station
+
+
+@dataclass(frozen=True)
+class StationKeys:
+    token: hsm.Token
+    chain: Chain
+    issuer: Issuer  # its key signs inside the token
+
+
+def open_station_keys(station: Station) -> StationKeys:
+    """The process's station token session and issuer. Raises if the issuing key does not
+    match the chain's issuer certificate."""
+    config = station.hsm
+    token = hsm.open_token(config.module, config.token, config.pin, config.softhsm2_conf)
+    _, issuer_key = hsm.resolve_signer(
+        station.ca.issuer_key,
+        module_path=config.module,
+        pin=config.pin,
+        softhsm2_conf=config.softhsm2_conf,
+    )
+    chain = load_chain(station)
+    return StationKeys(token, chain, Issuer(chain.issuer, issuer_key, chain.pem()))
+
+
+def open_signer(station: Station, uri: hsm.Pkcs11Uri) -> hsm.HsmSigner:
+    """Another signing key of the station (the audit key), with the station's HSM defaults."""
+    config = station.hsm
+    _, signer = hsm.resolve_signer(
+        uri, module_path=config.module, pin=config.pin, softhsm2_conf=config.softhsm2_conf
+    )
+    return signer

@@ -1,0 +1,229 @@
+"""``provline hsm …`` and ``provline ca …``: token set-up and the CA ceremonies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..ca import ceremony
+from ..config.station import load_station
+from ..hsm.softhsm import init_token
+from ..keyprofile import KeyProfile
+from ..lifecycle.crl import void_crl
+from ..secret import SecretRef
+from .app import (
+    DEFAULT_MODULE,
+    DEFAULT_PASSPHRASE,
+    DEFAULT_PIN,
+    ConfOpt,
+    JsonOpt,
+    ModuleOpt,
+    PassphraseOpt,
+    PinOpt,
+    ProfileOpt,
+    StationOpt,
+    TokenOpt,
+    ca_app,
+    emit,
+    hsm_app,
+    hsm_defaults,
+)
+
+SubjectOpt = Annotated[str, typer.Option("--subject", help="RFC 4514 name, e.g. 'CN=Root,O=Acme'.")]
+LabelOpt = Annotated[str, typer.Option("--label", help="Key label in the token.")]
+
+
+def _print(created: ceremony.Created, key_name: str) -> None:
+    rows = {**{name: str(path) for name, path in created.files.items()}, key_name: created.key}
+    width = max(len(k) for k in rows)
+    for name, value in rows.items():
+        print(f"{name:<{width}}  {value}")
+
+
+@hsm_app.command("init")
+def hsm_init(
+    directory: Annotated[Path, typer.Argument(help="Directory for the SoftHSM2 config + tokens.")],
+    label: Annotated[str, typer.Option("--label", help="Token label.")],
+    pin_source: PinOpt = DEFAULT_PIN,
+    so_pin_source: Annotated[
+        str, typer.Option("--so-pin-source", help="Security-officer PIN: env:NAME or file:PATH.")
+    ] = "env:PROVLINE_SO_PIN",
+) -> None:
+    """Create a SoftHSM2 token under DIRECTORY (never the system token directory)."""
+    pin = SecretRef.parse(pin_source, where="--pin-source").read(where="--pin-source")
+    so_pin = SecretRef.parse(so_pin_source, where="--so-pin-source").read(where="--so-pin-source")
+    conf = init_token(directory, label, so_pin=so_pin, user_pin=pin)
+    print(f"token {label!r} initialised")
+    print(f"export SOFTHSM2_CONF={conf}")
+
+
+@ca_app.command("init-root")
+def ca_init_root(
+    out: Annotated[Path, typer.Option("--out", help="Directory for root.cert.pem.")],
+    subject: SubjectOpt = "CN=provline Root CA",
+    days: Annotated[int, typer.Option("--days", min=1)] = 7300,
+    profile: ProfileOpt = KeyProfile.EC_P384,
+    token: TokenOpt = "",
+    label: LabelOpt = "root",
+    key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--key-file", help="Keep the root key in this encrypted PKCS#8 file instead of a token."
+        ),
+    ] = None,
+    passphrase_source: PassphraseOpt = DEFAULT_PASSPHRASE,
+    module: ModuleOpt = DEFAULT_MODULE,
+    pin_source: PinOpt = DEFAULT_PIN,
+    softhsm2_conf: ConfOpt = None,
+) -> None:
+    """Create the self-signed root CA; its key goes into a token (default) or a file."""
+    created = ceremony.init_root(
+        out,
+        subject,
+        days,
+        profile,
+        hsm_defaults(module, pin_source, softhsm2_conf),
+        token=token,
+        label=label,
+        key_file=key_file,
+        passphrase=SecretRef.parse(passphrase_source, where="--passphrase-source"),
+    )
+    _print(created, "root key")
+
+
+@ca_app.command("init-intermediate")
+def ca_init_intermediate(
+    out: Annotated[
+        Path, typer.Option("--out", help="Directory for intermediate.cert.pem and chain.pem.")
+    ],
+    root_cert: Annotated[Path, typer.Option("--root-cert")],
+    root_key: Annotated[str, typer.Option("--root-key", help="PKCS#11 URI or PKCS#8 file.")],
+    token: TokenOpt,
+    subject: SubjectOpt = "CN=provline Issuing CA",
+    days: Annotated[int, typer.Option("--days", min=1)] = 1825,
+    profile: ProfileOpt = KeyProfile.EC_P256,
+    label: LabelOpt = "intermediate",
+    passphrase_source: PassphraseOpt = DEFAULT_PASSPHRASE,
+    module: ModuleOpt = DEFAULT_MODULE,
+    pin_source: PinOpt = DEFAULT_PIN,
+    softhsm2_conf: ConfOpt = None,
+) -> None:
+    """Create the issuing CA: key generated inside the station token (never extractable),
+    certificate signed by the root key (pathlen 0)."""
+    created = ceremony.init_intermediate(
+        out,
+        root_cert,
+        root_key,
+        token,
+        subject,
+        days,
+        profile,
+        label,
+        SecretRef.parse(passphrase_source, where="--passphrase-source"),
+        hsm_defaults(module, pin_source, softhsm2_conf),
+    )
+    _print(created, "intermediate key")
+
+
+@ca_app.command("pop")
+def ca_pop(
+    code: Annotated[str, typer.Option("--code", help="Verification code shown by DPS/IoT Hub.")],
+    ca_cert: Annotated[Path, typer.Option("--ca-cert")],
+    ca_key: Annotated[str, typer.Option("--ca-key", help="PKCS#11 URI or PKCS#8 file.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the PoP certificate.")],
+    passphrase_source: PassphraseOpt = DEFAULT_PASSPHRASE,
+    module: ModuleOpt = DEFAULT_MODULE,
+    pin_source: PinOpt = DEFAULT_PIN,
+    softhsm2_conf: ConfOpt = None,
+) -> None:
+    """Proof of possession: a certificate whose CN is CODE, signed by the CA key."""
+    path = ceremony.proof_of_possession(
+        code,
+        ca_cert,
+        ca_key,
+        out,
+        SecretRef.parse(passphrase_source, where="--passphrase-source"),
+        hsm_defaults(module, pin_source, softhsm2_conf),
+    )
+    print(f"verification certificate  {path}")
+
+
+@ca_app.command("transport-key")
+def ca_transport_key(
+    token: TokenOpt,
+    label: LabelOpt = "transport",
+    module: ModuleOpt = DEFAULT_MODULE,
+    pin_source: PinOpt = DEFAULT_PIN,
+    softhsm2_conf: ConfOpt = None,
+) -> None:
+    """Create the station's AES-256 transport key (wrap/unwrap only, never extractable)."""
+    uri, check_value = ceremony.transport_key(
+        token, label, hsm_defaults(module, pin_source, softhsm2_conf)
+    )
+    print(f"transport key  {uri}")
+    print(f"check value    {check_value}")
+
+
+@ca_app.command("audit-key")
+def ca_audit_key(
+    out: Annotated[Path, typer.Option("--out", help="Directory for audit.cert.pem.")],
+    issuer_cert: Annotated[Path, typer.Option("--issuer-cert")],
+    issuer_key: Annotated[str, typer.Option("--issuer-key", help="PKCS#11 URI or PKCS#8 file.")],
+    token: TokenOpt,
+    subject: SubjectOpt = "CN=provline audit signer",
+    days: Annotated[int, typer.Option("--days", min=1)] = 825,
+    profile: ProfileOpt = KeyProfile.EC_P256,
+    label: LabelOpt = "audit",
+    passphrase_source: PassphraseOpt = DEFAULT_PASSPHRASE,
+    module: ModuleOpt = DEFAULT_MODULE,
+    pin_source: PinOpt = DEFAULT_PIN,
+    softhsm2_conf: ConfOpt = None,
+) -> None:
+    """Create the station's audit-log signing key in the token, certified by a CA."""
+    created = ceremony.audit_key(
+        out,
+        issuer_cert,
+        issuer_key,
+        token,
+        subject,
+        days,
+        profile,
+        label,
+        SecretRef.parse(passphrase_source, where="--passphrase-source"),
+        hsm_defaults(module, pin_source, softhsm2_conf),
+    )
+    _print(created, "audit key")
+
+
+@ca_app.command("crl")
+def ca_crl(
+    batch_dirs: Annotated[
+        list[Path],
+        typer.Argument(metavar="BATCH_DIR...", help="Batches whose void serials to revoke."),
+    ],
+    station: StationOpt,
+    out: Annotated[Path, typer.Option("--out", help="Where to write the CRL (PEM).")],
+    days: Annotated[int, typer.Option("--days", min=1, help="Days until nextUpdate.")] = 30,
+) -> None:
+    """Revoke every void serial of the given batches: a CRL signed by the HSM-held issuing key.
+    (Void serials may have been signed before a crash; their bundles were never durable.)"""
+    count = void_crl(batch_dirs, load_station(station), out, days)
+    print(f"CRL with {count} revoked serials: {out}")
+
+
+@ca_app.command("show")
+def ca_show(
+    cert_path: Annotated[Path, typer.Argument(metavar="CERT")],
+    token: Annotated[str, typer.Option("--token", help="Look for the key in this token.")] = "",
+    as_json: JsonOpt = False,
+    module: ModuleOpt = DEFAULT_MODULE,
+    pin_source: PinOpt = DEFAULT_PIN,
+    softhsm2_conf: ConfOpt = None,
+) -> None:
+    """Subject, issuer, serial, validity, thumbprints and key location of a certificate."""
+    emit(
+        ceremony.describe(cert_path, token, hsm_defaults(module, pin_source, softhsm2_conf)),
+        as_json,
+    )

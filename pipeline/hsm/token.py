@@ -1,0 +1,314 @@
+"""Tokens through python-pkcs11: one logged-in session per token per process.
+
+Rules this module enforces (measured on SoftHSM2 2.6 and python-pkcs11 0.10; the PKCS#11
+v2.40 base specification, section 5.6 "Session management", explains the login rules):
+
+* Login state belongs to the application, not the session: a second PIN login raises
+  ``UserAlreadyLoggedIn`` and closing a PIN session logs out every other session. So each
+  process opens one session per token and keeps it for its whole life (:func:`open_token`).
+* python-pkcs11 + SoftHSM2 are not thread-safe (python-pkcs11 calls ``C_Initialize(NULL)``,
+  which tells SoftHSM2 not to lock): use one thread per process, and worker *processes*
+  (spawn) for parallelism.
+* Tokens are selected by label, never by slot number (SoftHSM2 slot ids are random).
+* A wrong PIN is never retried: tokens count failures towards a lockout.
+* ``SOFTHSM2_CONF`` is read at ``C_Initialize``, so it is set before the module is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pkcs11
+import pkcs11.exceptions as p11e
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
+
+from ..errors import (
+    HsmError,
+    InputError,
+    KeyNotFound,
+    MechanismUnsupported,
+    ModuleLoadError,
+    PinError,
+    TokenNotFound,
+)
+from ..keyprofile import KeyProfile, PublicKey
+from ..secret import SecretRef
+from .errormap import call
+from .signers import HsmSigner, signer_for
+from .uri import Pkcs11Uri
+
+DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+def public_key_of(p11_public: Any) -> PublicKey:
+    """The cryptography public key of a token public-key object."""
+    if p11_public.key_type == KeyType.EC:
+        params = p11_public[Attribute.EC_PARAMS]
+        curve: ec.EllipticCurve = (
+            ec.SECP384R1() if params == _EC_PARAMS[KeyProfile.EC_P384] else ec.SECP256R1()
+        )
+        if params not in (_EC_PARAMS[KeyProfile.EC_P256], _EC_PARAMS[KeyProfile.EC_P384]):
+            raise MechanismUnsupported("EC key on an unsupported curve", rule="key profiles")
+        return ec.EllipticCurvePublicKey.from_encoded_point(
+            curve, _der_octet_string(p11_public[Attribute.EC_POINT])
+        )
+    if p11_public.key_type == KeyType.RSA:
+        n = int.from_bytes(p11_public[Attribute.MODULUS], "big")
+        e = int.from_bytes(p11_public[Attribute.PUBLIC_EXPONENT], "big")
+        return rsa.RSAPublicNumbers(e, n).public_key()
+    raise MechanismUnsupported(f"key type {p11_public.key_type}", rule="key profiles")
+
+
+def _der_octet_string(der: bytes) -> bytes:
+    """SoftHSM2 returns CKA_EC_POINT as a DER OCTET STRING around the X9.62 point."""
+    if der[:1] != b"\x04" or len(der) < 2:
+        return der
+    length = der[1]
+    if length < 0x80:
+        return der[2 : 2 + length]
+    size = length & 0x7F
+    return der[2 + size : 2 + size + int.from_bytes(der[2 : 2 + size], "big")]
+
+
+def _ec_params(curve_name: str) -> bytes:
+    from pkcs11.util.ec import encode_named_curve_parameters
+
+    return bytes(encode_named_curve_parameters(curve_name))
+
+
+_EC_PARAMS = {
+    KeyProfile.EC_P256: _ec_params("secp256r1"),
+    KeyProfile.EC_P384: _ec_params("secp384r1"),
+}
+
+
+def key_id_for(public: PublicKey) -> bytes:
+    """CKA_ID = SHA-1 of the public key's SubjectPublicKeyInfo bit string (as in SKI)."""
+    return x509.SubjectKeyIdentifier.from_public_key(public).digest
+
+
+@dataclass
+class Token:
+    """One logged-in R/W session on one token, for the life of the process."""
+
+    module_path: str
+    label: str
+    session: Any
+
+    # -- key generation -------------------------------------------------------------
+    def generate_keypair(
+        self,
+        profile: KeyProfile,
+        *,
+        label: str | None = None,
+        key_id: bytes | None = None,
+        persistent: bool = True,
+        wrappable: bool = False,
+    ) -> tuple[Any, Any]:
+        """A signing key pair. ``persistent`` makes token objects (CKA_TOKEN); otherwise they
+        are session objects that vanish with the session. ``wrappable`` keeps the private key
+        SENSITIVE but lets a trusted AES key wrap it (wrapped custody); otherwise it is
+        never extractable."""
+        private_template: dict[Attribute, Any] = {
+            Attribute.TOKEN: persistent,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: wrappable,
+            Attribute.SIGN: True,
+        }
+        public_template: dict[Attribute, Any] = {Attribute.TOKEN: persistent}
+        kwargs: dict[str, Any] = {
+            "store": persistent,
+            "capabilities": MechanismFlag.SIGN | MechanismFlag.VERIFY,
+            "public_template": public_template,
+            "private_template": private_template,
+        }
+        if label is not None:
+            kwargs["label"] = label
+        if key_id is not None:
+            kwargs["id"] = key_id
+        if profile.is_ec:
+            private_template[Attribute.DERIVE] = False
+            public_template[Attribute.EC_PARAMS] = _EC_PARAMS[profile]
+            pair: tuple[Any, Any] = call(self.session.generate_keypair, KeyType.EC, **kwargs)
+            return pair
+        private_template[Attribute.DECRYPT] = False
+        pair = call(self.session.generate_keypair, KeyType.RSA, 2048, **kwargs)
+        return pair
+
+    def require_free_label(self, object_class: ObjectClass, label: str) -> None:
+        if list(
+            call(self.session.get_objects, {Attribute.CLASS: object_class, Attribute.LABEL: label})
+        ):
+            kind = "secret key" if object_class == ObjectClass.SECRET_KEY else "private key"
+            raise InputError(
+                f"token {self.label} already holds a {kind} labelled {label!r}",
+                rule="key labels are unique in a token",
+            )
+
+    def generate_named_keypair(self, profile: KeyProfile, label: str) -> HsmSigner:
+        """A non-extractable token key pair labelled ``label`` with CKA_ID = SHA-1 of its
+        public key (the SKI), so the certificate finds its key by id. Refuses a taken label."""
+        self.require_free_label(ObjectClass.PRIVATE_KEY, label)
+        public_obj, private_obj = self.generate_keypair(profile, label=label)
+        public = public_key_of(public_obj)
+        key_id = key_id_for(public)
+        for obj in (public_obj, private_obj):
+            call(obj.__setitem__, Attribute.ID, key_id)
+        return signer_for(private_obj, public)
+
+    def generate_transport_key(self, label: str) -> Any:
+        """AES-256 token key that can only wrap and unwrap; never extractable."""
+        return call(
+            self.session.generate_key,
+            KeyType.AES,
+            256,
+            label=label,
+            id=label.encode(),
+            store=True,
+            capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+            template={
+                Attribute.SENSITIVE: True,
+                Attribute.EXTRACTABLE: False,
+                Attribute.ENCRYPT: False,
+                Attribute.DECRYPT: False,
+            },
+        )
+
+    def wrap(self, wrapping_key: Any, key: Any) -> bytes:
+        """RFC 5649 (CKM_AES_KEY_WRAP_PAD) wrap of ``key``'s PKCS#8 encoding."""
+        return bytes(call(wrapping_key.wrap_key, key, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+
+    # -- lookup -----------------------------------------------------------------------
+    def find(
+        self, object_class: ObjectClass, *, label: str | None = None, key_id: bytes | None = None
+    ) -> Any:
+        attrs: dict[Attribute, Any] = {Attribute.CLASS: object_class}
+        if label is not None:
+            attrs[Attribute.LABEL] = label
+        if key_id is not None:
+            attrs[Attribute.ID] = key_id
+        found = list(call(self.session.get_objects, attrs))
+        what = f"{object_class.name.lower()} object" + (f" labelled {label!r}" if label else "")
+        where = f"token {self.label}"
+        if not found:
+            raise KeyNotFound(f"no {what}", where=where, rule="key present in the token")
+        if len(found) > 1:
+            raise KeyNotFound(
+                f"{len(found)} {what}s; give an id too",
+                where=where,
+                rule="a key reference names exactly one object",
+            )
+        return found[0]
+
+    def objects(self, object_class: ObjectClass) -> list[Any]:
+        return list(call(self.session.get_objects, {Attribute.CLASS: object_class}))
+
+    def signer(self, *, label: str | None = None, key_id: bytes | None = None) -> HsmSigner:
+        """A cryptography private key whose ``sign`` runs in the token."""
+        private = self.find(ObjectClass.PRIVATE_KEY, label=label, key_id=key_id)
+        public_obj = self.find(ObjectClass.PUBLIC_KEY, label=label, key_id=key_id)
+        return signer_for(private, public_key_of(public_obj))
+
+    def uri(
+        self, *, label: str | None, key_id: bytes | None = None, type_: str = "private"
+    ) -> Pkcs11Uri:
+        return Pkcs11Uri(token=self.label, object=label, id=key_id, type=type_)
+
+    def attributes(self, obj: Any, names: list[Attribute]) -> dict[str, Any]:
+        values = call(obj.get_attributes, names)
+        return {Attribute(k).name: v for k, v in values.items()}
+
+
+_TOKENS: dict[tuple[str, str], Token] = {}
+_LIB_CONF: dict[str, str | None] = {}
+
+
+def load_module(module_path: str, softhsm2_conf: str | None = None) -> Any:
+    """Load the PKCS#11 module once per process. ``softhsm2_conf`` is exported first, because
+    SoftHSM2 reads it at C_Initialize and python-pkcs11 caches the module per path."""
+    if softhsm2_conf:
+        if module_path in _LIB_CONF and _LIB_CONF[module_path] != softhsm2_conf:
+            raise HsmError(
+                f"module already loaded with SOFTHSM2_CONF={_LIB_CONF[module_path]}",
+                rule="one SoftHSM2 config per process",
+            )
+        os.environ["SOFTHSM2_CONF"] = softhsm2_conf
+    if not os.path.exists(module_path):
+        raise ModuleLoadError(
+            f"PKCS#11 module {module_path} does not exist",
+            rule="hsm.module names a loadable PKCS#11 library",
+        )
+    try:
+        lib = pkcs11.lib(module_path)
+    except (p11e.PKCS11Error, OSError, RuntimeError) as exc:
+        raise ModuleLoadError(
+            f"cannot load PKCS#11 module {module_path}: {exc}",
+            rule="hsm.module names a loadable PKCS#11 library",
+        ) from exc
+    _LIB_CONF.setdefault(module_path, softhsm2_conf or os.environ.get("SOFTHSM2_CONF"))
+    return lib
+
+
+def open_token(
+    module_path: str, label: str, pin: SecretRef, softhsm2_conf: str | None = None
+) -> Token:
+    """The process's one logged-in session on ``label``; opened on first use."""
+    key = (module_path, label)
+    if key in _TOKENS:
+        return _TOKENS[key]
+    lib = load_module(module_path, softhsm2_conf)
+    pin_value = pin.read(where=f"token {label}")
+    try:
+        token = lib.get_token(token_label=label)
+    except p11e.NoSuchToken as exc:
+        raise TokenNotFound(
+            f"no token labelled {label!r} in {module_path}",
+            rule="hsm.token names an initialised token",
+        ) from exc
+    except p11e.MultipleTokensReturned as exc:
+        raise TokenNotFound(
+            f"several tokens labelled {label!r}", rule="token labels are unique"
+        ) from exc
+    except p11e.PKCS11Error as exc:
+        raise HsmError(f"cannot list tokens: {type(exc).__name__}") from exc
+    try:
+        session = token.open(rw=True, user_pin=pin_value)
+    except (p11e.PinIncorrect, p11e.PinLenRange, p11e.PinInvalid) as exc:
+        raise PinError(
+            f"wrong PIN for token {label!r} (not retried: the token counts failures)",
+            rule="user PIN",
+        ) from exc
+    except p11e.PinLocked as exc:
+        raise PinError(f"PIN of token {label!r} is locked", rule="user PIN") from exc
+    except p11e.UserAlreadyLoggedIn:
+        session = token.open(rw=True)
+    except p11e.PKCS11Error as exc:
+        raise HsmError(f"cannot open token {label!r}: {type(exc).__name__}") from exc
+    opened = Token(module_path=module_path, label=label, session=session)
+    _TOKENS[key] = opened
+    return opened
+
+
+def resolve_signer(
+    uri: Pkcs11Uri, *, module_path: str, pin: SecretRef, softhsm2_conf: str | None = None
+) -> tuple[Token, HsmSigner]:
+    """The token and signer a URI names. The URI's own module-path and pin-source win."""
+    if not uri.token:
+        raise InputError(f"{uri} names no token", rule="key URIs carry token=")
+    if uri.type not in (None, "private"):
+        raise InputError(f"{uri} is not a private key", rule="signing keys are type=private")
+    if uri.pin_source:
+        pin = SecretRef.parse(uri.pin_source)
+    token = open_token(uri.module_path or module_path, uri.token, pin, softhsm2_conf)
+    return token, token.signer(label=uri.object, key_id=uri.id)
+
+
+def check_value(secret_key: Any) -> str:
+    """CKA_CHECK_VALUE (first 3 bytes of AES-ECB of a zero block, computed by the token): names
+    a transport key without revealing it, so a bundle says which key unwraps it."""
+    return bytes(call(secret_key.__getitem__, Attribute.CHECK_VALUE)).hex().upper()

@@ -1,0 +1,25 @@
+"""File names of the output contract (README "Output contract"), in one place.
+
+Flashers, factory CI and auditors read these names; every module that writes or reads a
+batch takes them from here.
+"""
+
+from __future__ import annotations
+
+# <output>/<batch-id>/
+JOURNAL = "journal.sqlite"
+LOCK = ".lock"
+AUDIT_LOG = "audit.jsonl"
+AUDIT_SEAL = "audit.jsonl.p7s"
+REPORT = "report.json"
+REPORT_TEXT = "report.txt"
+
+# <output>/<batch-id>/<registration-id>/
+DEVICE_JSON = "device.json"  # written last: its presence means the bundle is complete
+DEVICE_CERT = "device.cert.pem"
+FULL_CHAIN = "full-chain.cert.pem"
+WRAPPED_KEY = "device.key.wrapped"
+PKCS8_KEY = "device.key.pem"
+PKCS12 = "device.pfx"
+
+TEMP_SUFFIX = ".tmp"  # atomic writes go through ".<name>.tmp" in the same directory
