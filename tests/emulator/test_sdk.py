@@ -27,6 +27,7 @@ from ..support import (
     can_bind_standard_ports,
     leaf_signed_chain,
     make_pkcs8_batch,
+    provline,
     start_emulator,
     verify_ca,
 )
@@ -310,3 +311,24 @@ def test_leaf_signing_a_leaf_is_refused_over_mqtt_and_https(
     with pytest.raises((CredentialError, ClientError)):
         _send(emu, emu.info["hub_host"], "sdk-rogue", _x509(chain, key, None))
     assert not any(m["deviceId"] == "sdk-rogue" for m in _telemetry(emu))
+
+
+def test_a_taken_address_is_one_line_and_exit_2(emu: Emu, tmp_path: Path) -> None:
+    """A second emulator on the same standard ports stops at once, says where, and leaves
+    the first one serving."""
+    proc = provline(
+        "emulator",
+        "serve",
+        "--data-dir",
+        str(tmp_path / "second"),
+        "--host",
+        emu.info["dps_host"],
+        "--standard-ports",
+        check=False,
+    )
+    assert proc.returncode == 2
+    [line] = proc.stderr.strip().splitlines()
+    assert f"cannot listen on {emu.info['dps_host']}:443" in line and "in use" in line
+    assert emu.proc.poll() is None
+    with emu.service() as svc:
+        assert svc.get("/enrollmentGroups/sdk-line").status_code == 200
