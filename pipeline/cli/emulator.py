@@ -16,11 +16,15 @@ def emulator_serve(
     data_dir: Annotated[Path, typer.Option("--data-dir", help="State, keys, TLS, emulator.json.")],
     host: Annotated[
         str | None,
-        typer.Option("--host", help="DPS address (device endpoint, service API); 127.0.0.1."),
+        typer.Option(
+            "--host", help="DPS address (device endpoint, service API); default 127.0.0.1."
+        ),
     ] = None,
     hub_host: Annotated[
         str | None,
-        typer.Option("--hub-host", help="IoT Hub address, what assignedHub names; --host."),
+        typer.Option(
+            "--hub-host", help="IoT Hub address (what assignedHub names); default: --host."
+        ),
     ] = None,
     standard_ports: Annotated[
         bool | None,
