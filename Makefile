@@ -8,6 +8,10 @@ STAMP := $(VENV)/.installed
 
 DEMO := demo
 DEMO_BATCH ?= demo-$(shell date -u +%Y%m%d-%H%M%S)
+# Where the emulator listens (docs/emulator.md). As root: DPS and IoT Hub on the standard ports
+# (443, 8883) of two private loopback addresses, as Microsoft's device SDKs need; otherwise
+# free ports on 127.0.0.1 (provline's own clients work either way).
+EMULATOR_ARGS ?= $(if $(filter 0,$(shell id -u)),--host 127.77.0.1 --hub-host 127.77.0.2 --standard-ports)
 
 .PHONY: setup tools demo demo-ca test test-fast bench lint audit-verify emulator clean clean-demo
 
@@ -64,7 +68,7 @@ demo-ca: setup
 # Each demo starts a fresh emulator (demo/emulator is reset): the demo reuses registration IDs.
 demo: demo-ca
 	@set -e; rm -rf $(DEMO)/emulator; mkdir -p $(DEMO)/emulator; \
-	$(PROVLINE) emulator serve --data-dir $(DEMO)/emulator > $(DEMO)/emulator.log 2>&1 & pid=$$!; \
+	$(PROVLINE) emulator serve --data-dir $(DEMO)/emulator $(EMULATOR_ARGS) > $(DEMO)/emulator.log 2>&1 & pid=$$!; \
 	trap 'kill $$pid 2>/dev/null; wait $$pid 2>/dev/null || true' EXIT; \
 	for i in $$(seq 100); do [ -f $(DEMO)/emulator/emulator.json ] && break; sleep 0.1; done; \
 	[ -f $(DEMO)/emulator/emulator.json ] || { cat $(DEMO)/emulator.log; exit 1; }; \
@@ -97,7 +101,7 @@ test-fast: setup
 
 # The local DPS + IoT Hub emulator in the foreground (docs/emulator.md).
 emulator: setup
-	$(PROVLINE) emulator serve --data-dir $(DEMO)/emulator
+	$(PROVLINE) emulator serve --data-dir $(DEMO)/emulator $(EMULATOR_ARGS)
 
 audit-verify: setup
 	@test -n "$(BATCH)" || { echo "usage: make audit-verify BATCH=path/to/batch [ROOT=root.cert.pem]" >&2; exit 2; }

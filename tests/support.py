@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -233,21 +234,82 @@ class Emu:
         self.proc.wait(timeout=10)
 
 
-def start_emulator(data_dir: Path, *args: str) -> Emu:
+def _random_loopback() -> str:
+    return f"127.{random.randrange(64, 250)}.{random.randrange(256)}.{random.randrange(1, 255)}"
+
+
+def can_bind_standard_ports() -> bool:
+    """Whether this process may listen on 443 (root, CAP_NET_BIND_SERVICE, or a lowered
+    net.ipv4.ip_unprivileged_port_start): the device SDKs' fixed port (docs/emulator.md)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((_random_loopback(), 443))
+        except PermissionError:
+            return False
+        except OSError:
+            return True  # taken, but not for want of permission
+    return True
+
+
+STANDARD_PORTS_REASON = (
+    "needs ports 443 and 8883 on a loopback address (the device SDKs' fixed ports): run as "
+    "root, or lower net.ipv4.ip_unprivileged_port_start (docs/emulator.md)"
+)
+
+
+def loopback_addresses(n: int = 2) -> list[str]:
+    """``n`` loopback addresses (all of 127.0.0.0/8 is on ``lo`` on Linux) whose standard
+    ports are free now: each emulator in a test gets its own, so emulators never clash."""
+    found: list[str] = []
+    for _ in range(200):
+        address = _random_loopback()
+        try:
+            for port in (443, 8883):
+                with socket.socket() as probe:
+                    probe.bind((address, port))
+        except OSError:
+            continue
+        if address not in found:
+            found.append(address)
+        if len(found) == n:
+            return found
+    raise AssertionError(f"no free loopback address for 443/8883: {STANDARD_PORTS_REASON}")
+
+
+def start_emulator(data_dir: Path, *args: str, standard_ports: bool = False) -> Emu:
+    """The emulator as a subprocess. ``standard_ports``: DPS and IoT Hub on 443 and 8883 of
+    two private loopback addresses (what the device SDKs need; a restart keeps the
+    addresses), retried on other addresses if one was taken meanwhile."""
     info_path = data_dir / "emulator.json"
+    previous = json.loads(info_path.read_text()) if info_path.exists() else {}
     info_path.unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        [*PROVLINE, "emulator", "serve", "--data-dir", str(data_dir), *args],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 30
-    while not info_path.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"emulator did not start: {proc.stderr.read()!r}")  # type: ignore
-        time.sleep(0.05)
-    return Emu(data_dir, json.loads(info_path.read_text()), proc)
+    for attempt in range(5):
+        extra: list[str] = []
+        if standard_ports:
+            if previous.get("standard_ports") == "true" and attempt == 0:
+                hosts = [previous["dps_host"], previous["hub_host"]]
+            else:
+                hosts = loopback_addresses(2)
+            extra = ["--host", hosts[0], "--hub-host", hosts[1], "--standard-ports"]
+        proc = subprocess.Popen(
+            [*PROVLINE, "emulator", "serve", "--data-dir", str(data_dir), *extra, *args],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 30
+        while not info_path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if info_path.exists():
+            return Emu(data_dir, json.loads(info_path.read_text()), proc)
+        proc.kill()
+        stderr = proc.stderr.read().decode() if proc.stderr else ""  # type: ignore[union-attr]
+        proc.wait()
+        if not (standard_ports and "cannot listen" in stderr):
+            raise AssertionError(f"emulator did not start: {stderr}")
+    raise AssertionError("emulator did not start: no free loopback address")
 
 
 def free_ports(n: int) -> list[int]:
@@ -258,3 +320,108 @@ def free_ports(n: int) -> list[int]:
     for s in socks:
         s.close()
     return ports
+
+
+def make_pkcs8_batch(h: Hsm, c: CA, base: Path, batch_id: str, prefix: str, count: int) -> Path:
+    """A pkcs8-custody batch run in this process (the session's tokens): bundles whose key
+    files curl, paho and the device SDKs can use (passphrase :data:`PASSPHRASE`)."""
+    from pipeline.config.manifest import load_manifest
+    from pipeline.config.station import load_station
+    from pipeline.run import run_batch
+
+    os.environ["PROVLINE_TEST_PASSPHRASE"] = PASSPHRASE
+    base.mkdir(parents=True, exist_ok=True)
+    station = load_station(write_station(base / "s.yaml", h, c, custody="pkcs8", output=base))
+    manifest = base / f"{batch_id}.yaml"
+    manifest.write_text(
+        f"batch_id: {batch_id}\ngenerator: {{prefix: {prefix}, digits: 3, count: {count}}}\n"
+    )
+    result = run_batch(load_manifest(manifest), station)
+    assert result.exit_code == 0, result.report
+    return result.batch_dir
+
+
+def verify_ca(emu: Emu, cert: Path, key_uri: str, h: Hsm, tmp: Path, name: str) -> None:
+    """Upload a CA to the emulator and prove possession with its HSM-held key, the way an
+    operator does (``provline ca pop`` signs the verification code)."""
+    with emu.service() as svc:
+        put = svc.put(
+            f"/certificates/{name}", json={"properties": {"certificate": cert.read_text()}}
+        )
+        assert put.status_code == 200 and put.json()["properties"]["isVerified"] is False
+        code = svc.post(
+            f"/certificates/{name}/generateVerificationCode",
+            headers={"If-Match": put.json()["etag"]},
+        )
+        assert code.status_code == 200, code.text
+        pop = tmp / f"pop-{name}.pem"
+        provline(
+            "ca",
+            "pop",
+            "--code",
+            code.json()["properties"]["verificationCode"],
+            "--ca-cert",
+            str(cert),
+            "--ca-key",
+            key_uri,
+            "--out",
+            str(pop),
+            env=h.env(),
+        )
+        done = svc.post(
+            f"/certificates/{name}/verify",
+            headers={"If-Match": code.json()["etag"]},
+            json={"certificate": pop.read_text()},
+        )
+        assert done.status_code == 200, done.text
+        assert done.json()["properties"]["isVerified"] is True
+
+
+def leaf_signed_chain(bundle: Path, out: Path, cn: str) -> tuple[Path, Path]:
+    """(chain file, key file) of a certificate CN=``cn`` signed by a device's *leaf* key,
+    followed by the device's real chain: every link's signature verifies, but the signer is
+    not a CA, so RFC 5280 path validation (and ``openssl verify``) must refuse it."""
+    from cryptography import x509 as x
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    leaf_key = serialization.load_pem_private_key(
+        (bundle / "device.key.pem").read_bytes(), PASSPHRASE.encode()
+    )
+    assert isinstance(leaf_key, ec.EllipticCurvePrivateKey)
+    device_chain = (bundle / "full-chain.cert.pem").read_bytes()
+    leaf = x.load_pem_x509_certificate(device_chain)
+    key = ec.generate_private_key(ec.SECP256R1())
+    ski = leaf.extensions.get_extension_for_class(x.SubjectKeyIdentifier).value
+    rogue = (
+        x.CertificateBuilder()
+        .subject_name(x.Name([x.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(leaf.subject)
+        .public_key(key.public_key())
+        .serial_number(x.random_serial_number())
+        .not_valid_before(leaf.not_valid_before_utc)
+        .not_valid_after(leaf.not_valid_after_utc)
+        .add_extension(x.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+        )
+        .add_extension(x.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+        )
+        .sign(leaf_key, hashes.SHA256())
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    chain_file, key_file = out / f"{cn}.chain.pem", out / f"{cn}.key.pem"
+    chain_file.write_bytes(rogue.public_bytes(serialization.Encoding.PEM) + device_chain)
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_file.chmod(0o600)
+    return chain_file, key_file

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .app import Config, Emulator
-from .server import Faults
+from .server import Faults, ListenError
 
-__all__ = ["Config", "Emulator", "Faults", "serve_forever"]
+__all__ = ["Config", "Emulator", "Faults", "ListenError", "serve_forever"]
 
 
 def load_config(data_dir: Path, overrides: dict[str, Any]) -> tuple[Config, Faults]:
@@ -40,7 +40,7 @@ def load_config(data_dir: Path, overrides: dict[str, Any]) -> tuple[Config, Faul
 def serve_forever(data_dir: Path, overrides: dict[str, Any]) -> None:
     config, faults = load_config(data_dir, overrides)
     emulator = Emulator(data_dir, config, faults)
-    info = emulator.start()
+    info = emulator.start()  # ListenError (an OSError) when an address or port is unusable
     print(
         json.dumps({k: v for k, v in info.items() if "connection_string" not in k}, indent=2),
         flush=True,

@@ -20,9 +20,22 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from ..ca.validation import PathError, extend_path, is_self_signed, validate_client_path
 from ..files import write_atomic
-from . import certs, sas
-from .server import Faults, Request, Response, Window, error, serve, tls_context
+from . import certs, mqtt, mqttapi, sas
+from .hubquery import QueryError
+from .hubquery import parse as parse_query
+from .server import (
+    Faults,
+    Request,
+    Response,
+    WebSocketHandler,
+    Window,
+    error,
+    serve,
+    serve_mqtt,
+    tls_context,
+)
 from .state import State, new_etag
 
 DEVICE_API_VERSIONS = {"2019-03-31", "2021-06-01", "2021-10-01", "2021-11-01-preview"}
@@ -30,12 +43,21 @@ HUB_API_VERSIONS = {"2020-03-13", "2021-04-12", "2020-09-30", "2021-06-30"}
 BULK_LIMIT = 10
 
 
+STANDARD_HTTPS_PORT = 443  # HTTPS and MQTT over WebSockets
+STANDARD_MQTT_PORT = 8883
+TELEMETRY_LOG = "telemetry.jsonl"
+NEVER = "0001-01-01T00:00:00Z"  # what IoT Hub sends for a time that has not happened yet
+
+
 @dataclass
 class Config:
-    host: str = "127.0.0.1"
-    port: int = 0  # DPS global device endpoint
+    host: str = "127.0.0.1"  # DPS: global device endpoint and service API
+    port: int = 0  # DPS global device endpoint (HTTPS, MQTT over WebSockets); 0 = free
     service_port: int = 0  # DPS service API + CA certificates
-    hub_port: int = 0  # IoT Hub
+    hub_port: int = 0  # IoT Hub (HTTPS, MQTT over WebSockets)
+    hub_host: str | None = None  # IoT Hub's address (default: host); assignedHub names it
+    mqtt_port: int = 0  # MQTT over TLS for DPS (on host) and IoT Hub (on hub_host); 0 = free
+    standard_ports: bool = False  # 443 and 8883, as the device SDKs require
     id_scope: str = "0ne00PROVL1"
     operations_per_minute: int = 1000
     registrations_per_minute: int = 1000
@@ -49,6 +71,11 @@ def _now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _host_port(host: str, port: int) -> str:
+    """``host`` alone on the standard HTTPS port, as Azure names its hosts."""
+    return host if port == STANDARD_HTTPS_PORT else f"{host}:{port}"
+
+
 def _hub_error(status: int, code: int, name: str, text: str) -> Response:
     body = {
         "Message": f"ErrorCode:{name};{text}",
@@ -59,7 +86,7 @@ def _hub_error(status: int, code: int, name: str, text: str) -> Response:
 
 class Emulator:
     def __init__(self, data_dir: Path, config: Config, faults: Faults | None = None) -> None:
-        self.dir = data_dir
+        self.dir = data_dir.resolve()  # emulator.json names absolute paths
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = config
         self.state = State(self.dir / "state.sqlite")
@@ -71,7 +98,10 @@ class Emulator:
         self._polls: dict[str, list[float]] = {}
         self._operations: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        self._telemetry_lock = threading.Lock()
         self._servers: list[Any] = []
+        self.id_scope = config.id_scope
+        self.hub_names: set[str] = set()
 
     # -- lifecycle --------------------------------------------------------------------
     def _load_keys(self) -> dict[str, str]:
@@ -98,17 +128,70 @@ class Emulator:
         return self._faults
 
     def start(self) -> dict[str, str]:
-        ca_file, cert_file, key_file = certs.server_identity(self.dir)
-        ctx = tls_context(cert_file, key_file)
+        """Bind every listener, write ``emulator.json`` (absolute paths) and return it.
+
+        DPS (device endpoint, service API) listens on ``host``, IoT Hub on ``hub_host``; the
+        device-facing side of each speaks HTTPS and MQTT over WebSockets on one port and MQTT
+        on another. With ``standard_ports`` these are 443 and 8883, as the device SDKs
+        require, and ``assignedHub`` is the bare hub host; with free ports it carries the
+        port, since no client could reach the hub otherwise. Services that land on the same
+        address and port share one listener, routed by path (HTTPS) or username (MQTT)."""
         c = self.config
-        device = serve(c.host, c.port, ctx, self.device_api, self.faults)
-        service = serve(c.host, c.service_port, ctx, self.service_api, self.faults)
-        hub = serve(c.host, c.hub_port, ctx, self.hub_api, self.faults)
-        self._servers = [device, service, hub]
-        self.service_host = f"{c.host}:{service.server_port}"
-        self.hub_host = f"{c.host}:{hub.server_port}"
+        hub_host = c.hub_host or c.host
+        https, hub_https, mqtt_port = c.port, c.hub_port, c.mqtt_port
+        if c.standard_ports:
+            https = hub_https = STANDARD_HTTPS_PORT
+            mqtt_port = STANDARD_MQTT_PORT
+        ca_file, cert_file, key_file = certs.server_identity(self.dir, [c.host, hub_host])
+        ctx = tls_context(cert_file, key_file)
+        try:
+            return self._bind(ctx, ca_file, c.host, hub_host, https, hub_https, mqtt_port)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _bind(
+        self,
+        ctx: Any,
+        ca_file: Path,
+        host: str,
+        hub_host: str,
+        https: int,
+        hub_https: int,
+        mqtt_port: int,
+    ) -> dict[str, str]:
+        c = self.config
+        service = serve(host, c.service_port, ctx, self.service_api, self.faults)
+        self._servers.append(service)
+        shared = host == hub_host and https == hub_https and https != 0
+        device = serve(
+            host,
+            https,
+            ctx,
+            self._shared_route if shared else self.device_api,
+            self.faults,
+            self._websocket(dps=True, hub=shared),
+        )
+        self._servers.append(device)
+        hub = device
+        if not shared:
+            hub = serve(
+                hub_host, hub_https, ctx, self.hub_api, self.faults, self._websocket(False, True)
+            )
+            self._servers.append(hub)
+        mqtt_shared = host == hub_host and mqtt_port != 0
+        dps_mqtt = serve_mqtt(host, mqtt_port, ctx, mqttapi.router(self, True, mqtt_shared))
+        self._servers.append(dps_mqtt)
+        hub_mqtt = dps_mqtt
+        if not mqtt_shared:
+            hub_mqtt = serve_mqtt(hub_host, mqtt_port, ctx, mqttapi.router(self, False, True))
+            self._servers.append(hub_mqtt)
+        self.service_host = _host_port(host, service.server_port)
+        self.hub_host = _host_port(hub_host, hub.server_port)
+        self.hub_names = {self.hub_host.lower(), hub_host.lower()}
+        device_port = device.server_port
         info = {
-            "dps_device_endpoint": f"https://{c.host}:{device.server_port}",
+            "dps_device_endpoint": f"https://{_host_port(host, device_port)}",
             "dps_service_endpoint": f"https://{self.service_host}",
             "management_endpoint": f"https://{self.service_host}",
             "id_scope": c.id_scope,
@@ -119,16 +202,41 @@ class Emulator:
             "hub_hostname": self.hub_host,
             "hub_connection_string": f"HostName={self.hub_host};SharedAccessKeyName=iothubowner;"
             f"SharedAccessKey={self._keys['iothubowner']}",
-            "tls_ca_file": str(ca_file),
+            "tls_ca_file": str(ca_file.resolve()),
             "pid": str(os.getpid()),
+            # the device SDKs' view: hosts without ports, and where MQTT listens
+            "dps_host": host,
+            "hub_host": hub_host,
+            "dps_mqtt_port": str(dps_mqtt.server_address[1]),
+            "hub_mqtt_port": str(hub_mqtt.server_address[1]),
+            "dps_websocket_port": str(device_port),
+            "hub_websocket_port": str(hub.server_port),
+            "standard_ports": str(
+                device_port == hub.server_port == STANDARD_HTTPS_PORT
+                and dps_mqtt.server_address[1] == STANDARD_MQTT_PORT
+            ).lower(),
+            "data_dir": str(self.dir.resolve()),
+            "telemetry_log": str((self.dir / TELEMETRY_LOG).resolve()),
         }
+        self.device_endpoint = info["dps_device_endpoint"]
         write_atomic(self.dir / "emulator.json", json.dumps(info, indent=2).encode(), private=True)
         return info
+
+    def _shared_route(self, request: Request) -> Response:
+        """DPS device endpoint and IoT Hub on one address and port: told apart by path."""
+        if request.path[:1] == [self.config.id_scope]:
+            return self.device_api(request)
+        return self.hub_api(request)
+
+    def _websocket(self, dps: bool, hub: bool) -> WebSocketHandler:
+        router = mqttapi.router(self, dps, hub, websocket=True)
+        return lambda stream, chain: mqtt.serve_session(stream, chain, router)
 
     def stop(self) -> None:
         for server in self._servers:
             server.shutdown()
             server.server_close()
+        self._servers = []
 
     # -- authorisation ------------------------------------------------------------------
     def _sas(self, request: Request, audience: str, policy: str) -> Response | None:
@@ -500,53 +608,59 @@ class Emulator:
         self, rid: str, request: Request
     ) -> Response | tuple[dict[str, Any], str, str | None]:
         """(enrollment, kind, group id) for the device whose chain is presented, or a
-        401 like DPS's: the chain must reach a trusted certificate, the leaf CN must be the
-        registration ID, and an enrollment must match (individual first, then groups from
-        the first intermediate up)."""
-        chain = certs.verified_path(request.chain)
-        if chain is None:
-            return error(401, 401002, "Invalid certificate")
-        leaf = chain[0]
+        401 / 401002 like DPS's. The leaf CN must be the registration ID; then an individual
+        enrollment for the ID wins (its certificate must be the leaf, and the chain must
+        validate to a CA verified by proof of possession unless the leaf is self-signed);
+        otherwise the chain must validate (RFC 5280: a device leaf cannot sign) to a verified
+        CA, and a group whose signing certificate or CA reference is in it matches, from the
+        first intermediate up."""
+        if not request.chain:
+            return error(401, 401002, "Invalid certificate: no client certificate")
+        leaf = request.chain[0]
         if certs.common_name(leaf) != rid or rid.lower() != rid:
             return error(401, 401002, "Invalid certificate: registration ID is not the CN")
         individual = self.state.get("enrollment", rid)
         if individual:
             client = individual["attestation"]["x509"].get("clientCertificates", {})
             prints = {s["info"]["sha256Thumbprint"] for s in client.values()}
-            if certs.thumbprint(leaf, "sha256") in prints and self._trusted(chain):
-                return individual, "individual", None
-            return error(401, 401002, "Invalid certificate")
-        for link in chain[1:]:
+            if certs.thumbprint(leaf, "sha256") not in prints:
+                return error(401, 401002, "Invalid certificate: not the enrolled certificate")
+            path = self._device_path(request.chain)
+            if isinstance(path, str):
+                return error(401, 401002, f"Invalid certificate: {path}")
+            return individual, "individual", None
+        path = self._device_path(request.chain)
+        if isinstance(path, str):
+            return error(401, 401002, f"Invalid certificate: {path}")
+        for link in path[1:]:
             for group in self.state.all("group"):
                 if self._group_signs(group, link):
                     return group, "group", group["enrollmentGroupId"]
         return error(401, 401002, "Unauthorized: no enrollment for this certificate")
 
-    def _trusted(self, chain: list[x509.Certificate]) -> bool:
-        """Self-signed leaf: its enrollment is the trust. Otherwise the chain must reach a
-        CA verified by proof of possession (docs/dps.md)."""
+    def _device_path(self, chain: list[x509.Certificate]) -> list[x509.Certificate] | str:
+        """The presented chain validated (RFC 5280, :mod:`pipeline.ca.validation`) to a CA
+        verified by proof of possession, or to the leaf itself when it is self-signed (an
+        individual enrollment's own trust), and continued with the presented CAs above it;
+        a reason when it does not validate."""
         leaf = chain[0]
-        if leaf.subject == leaf.issuer and certs.signed_by(leaf, leaf):
-            return True
-        verified = self.verified_cas()
-        for link in chain:
-            for ca_cert in verified:
-                if link == ca_cert or (
-                    link.issuer == ca_cert.subject and certs.signed_by(link, ca_cert)
-                ):
-                    return True
-        return False
+        anchors = [leaf] if is_self_signed(leaf) else self.verified_cas()
+        if not anchors:
+            return "no CA certificate is verified by proof of possession"
+        try:
+            return extend_path(validate_client_path(leaf, chain[1:], anchors), chain)
+        except PathError as exc:
+            return str(exc)
 
     def _group_signs(self, group: dict[str, Any], link: x509.Certificate) -> bool:
+        """Whether ``link`` (a CA of a validated path) is the group's signing certificate or
+        the verified CA its ``caReferences`` names."""
         att = group["attestation"]["x509"]
         if "caReferences" in att:
             record = self.state.get("certificate", att["caReferences"].get("primary", ""))
             if not record or not record.get("isVerified"):
                 return False
-            ca_cert = x509.load_pem_x509_certificate(record["pem"].encode())
-            return link == ca_cert or (
-                link.issuer == ca_cert.subject and certs.signed_by(link, ca_cert)
-            )
+            return link == x509.load_pem_x509_certificate(record["pem"].encode())
         prints = {
             s["info"]["sha256Thumbprint"] for s in att.get("signingCertificates", {}).values()
         }
@@ -580,8 +694,8 @@ class Emulator:
             {"operationId": operation_id, "status": "assigning"},
             {
                 "Retry-After": str(self.config.retry_after),
-                "Location": f"/{self.config.id_scope}/registrations/{rid}/operations/"
-                f"{operation_id}",
+                "Location": f"{self.device_endpoint}/{self.config.id_scope}/registrations/"
+                f"{rid}/operations/{operation_id}",
             },
         )
 
@@ -661,7 +775,10 @@ class Emulator:
                         },
                     }
                 )
-                self.state.put("device", device_id, self._new_device(device_id, auth))
+                device = self._new_device(device_id, auth)
+                if current.get("initialTwin"):
+                    device["_twin"] = current["initialTwin"]
+                self.state.put("device", device_id, device)
         return state
 
     # ============================================================================ IoT Hub
@@ -676,9 +793,9 @@ class Emulator:
             "connectionState": "Disconnected",
             "status": status,
             "statusReason": None,
-            "connectionStateUpdatedTime": "0001-01-01T00:00:00",
-            "statusUpdatedTime": "0001-01-01T00:00:00",
-            "lastActivityTime": "0001-01-01T00:00:00",
+            "connectionStateUpdatedTime": NEVER,
+            "statusUpdatedTime": NEVER,
+            "lastActivityTime": NEVER,
             "cloudToDeviceMessageCount": 0,
             "authentication": auth,
             "capabilities": {"iotEdge": False},
@@ -693,7 +810,7 @@ class Emulator:
             return _hub_error(400, 400004, "ArgumentInvalid", "unsupported api-version")
         if len(p) == 4 and p[0] == "devices" and p[2:] == ["messages", "events"] and m == "POST":
             return self._telemetry(p[1], request)
-        if len(p) != 2 or p[0] != "devices":
+        if not 1 <= len(p) <= 2 or p[0] != "devices":
             return _hub_error(404, 404001, "NotFound", "no such operation")
         try:
             sas.verify(
@@ -703,6 +820,14 @@ class Emulator:
             )
         except sas.SasError as exc:
             return _hub_error(401, 401002, "IotHubUnauthorizedAccess", str(exc))
+        if p == ["devices"]:
+            return (
+                self._list_devices(request)
+                if m == "GET"
+                else _hub_error(405, 405001, "MethodNotAllowed", m)
+            )
+        if p == ["devices", "query"] and m == "POST":
+            return self._query_devices(request)
         device_id = p[1]
         with self.state.transaction():
             existing = self.state.get("device", device_id)
@@ -747,36 +872,138 @@ class Emulator:
                 return Response(200, self._public(device))
         return _hub_error(405, 405001, "MethodNotAllowed", m)
 
-    def _telemetry(self, device_id: str, request: Request) -> Response:
+    def _list_devices(self, request: Request) -> Response:
+        """``GET /devices?top=N``: identities in creation order, at most 1000 (the service
+        treats anything outside 1-1000 as 1000)."""
+        try:
+            top = int(request.query.get("top") or 1000)
+        except ValueError:
+            return _hub_error(400, 400004, "ArgumentInvalid", "top is not a number")
+        top = top if 1 <= top <= 1000 else 1000
+        rows = self.state.page("device", 0, top)
+        return Response(200, [self._public(body) for _, body in rows])
+
+    def _query_devices(self, request: Request) -> Response:
+        """``POST /devices/query``: device twins matching ``SELECT * FROM devices [WHERE …]``,
+        paged with ``x-ms-max-item-count`` / ``x-ms-continuation``."""
+        try:
+            body = request.json()
+            predicate = parse_query(str(body.get("query", "")) if isinstance(body, dict) else "")
+            top = int(request.headers.get("x-ms-max-item-count") or 100)
+            after = int(request.headers.get("x-ms-continuation") or 0)
+        except (ValueError, QueryError) as exc:
+            return _hub_error(400, 400004, "ArgumentInvalid", f"query: {exc}")
+        top = max(1, min(top, 1000))
+        matches: list[dict[str, Any]] = []
+        last = after
+        headers = {"x-ms-item-type": "Twin"}
+        while True:
+            rows = self.state.page("device", last, 500)
+            for seq, device in rows:
+                if predicate(device):
+                    if len(matches) == top:
+                        headers["x-ms-continuation"] = str(last)
+                        return Response(200, matches, headers)
+                    matches.append(self._twin(device))
+                last = seq
+            if len(rows) < 500:
+                return Response(200, matches, headers)
+
+    @staticmethod
+    def _twin(device: dict[str, Any]) -> dict[str, Any]:
+        """A device twin as the query API returns it."""
+        auth = device.get("authentication") or {}
+        thumbprints = auth.get("x509Thumbprint") or {}
+        initial = device.get("_twin") or {}
+        return {
+            "deviceId": device["deviceId"],
+            "etag": "AAAAAAAAAAE=",
+            "deviceEtag": device["etag"],
+            "status": device["status"],
+            "statusUpdateTime": device.get("statusUpdatedTime", NEVER),
+            "connectionState": device.get("connectionState", "Disconnected"),
+            "lastActivityTime": device.get("lastActivityTime", NEVER),
+            "cloudToDeviceMessageCount": 0,
+            "authenticationType": auth.get("type", "sas"),
+            "x509Thumbprint": {
+                "primaryThumbprint": thumbprints.get("primaryThumbprint"),
+                "secondaryThumbprint": thumbprints.get("secondaryThumbprint"),
+            },
+            "modelId": "",
+            "version": 2,
+            "tags": initial.get("tags") or {},
+            "properties": {
+                "desired": {**((initial.get("properties") or {}).get("desired") or {})},
+                "reported": {},
+            },
+            "capabilities": device.get("capabilities") or {"iotEdge": False},
+        }
+
+    def set_connection_state(self, device_id: str, connected: bool) -> None:
+        with self.state.transaction():
+            device = self.state.get("device", device_id)
+            if device is not None:
+                device["connectionState"] = "Connected" if connected else "Disconnected"
+                device["connectionStateUpdatedTime"] = _now()
+                self.state.put("device", device_id, device)
+
+    def hub_device(self, device_id: str, chain: list[x509.Certificate]) -> dict[str, Any] | None:
+        """The enabled device identity the presented chain authenticates as, or None.
+        ``selfSigned``: the leaf's SHA-1 thumbprint is registered and the leaf is valid (its
+        thumbprint is the trust); ``certificateAuthority``: CN = device ID and the chain
+        validates (RFC 5280) to a CA verified by proof of possession."""
         device = self.state.get("device", device_id)
-        chain = certs.verified_path(request.chain)
-        if device is None or chain is None or device.get("status") != "enabled":
-            return _hub_error(401, 401002, "IotHubUnauthorizedAccess", "Unauthorized")
+        if device is None or not chain or device.get("status") != "enabled":
+            return None
         auth = device["authentication"]
         leaf = chain[0]
         if auth.get("type") == "selfSigned":
-            prints = {v for v in (auth.get("x509Thumbprint") or {}).values() if v}
-            ok = certs.thumbprint(leaf, "sha1") in {p.upper() for p in prints}
-        elif auth.get("type") == "certificateAuthority":
-            ok = certs.common_name(leaf) == device_id and (
-                self._trusted(chain)
-                or any(
-                    self._group_signs(g, link)
-                    for g in self.state.all("group")
-                    for link in chain[1:]
-                )
-            )
-        else:
-            ok = False
-        if not ok:
+            prints = {v.upper() for v in (auth.get("x509Thumbprint") or {}).values() if v}
+            if certs.thumbprint(leaf, "sha1") not in prints:
+                return None
+            try:
+                validate_client_path(leaf, [], [leaf])
+            except PathError:
+                return None
+            return device
+        if auth.get("type") == "certificateAuthority" and certs.common_name(leaf) == device_id:
+            anchors = self.verified_cas()
+            try:
+                validate_client_path(leaf, chain[1:], anchors)
+            except PathError:
+                return None
+            return device
+        return None
+
+    def _telemetry(self, device_id: str, request: Request) -> Response:
+        device = self.hub_device(device_id, request.chain)
+        if device is None:
             return _hub_error(401, 401002, "IotHubUnauthorizedAccess", "Unauthorized")
         if len(request.body) > 256 * 1024:
             return _hub_error(413, 413001, "MessageTooLarge", "message too large")
-        with self.state.transaction():
-            device["_messages"] = device.get("_messages", 0) + 1
-            device["_last_message"] = request.body.decode(errors="replace")[:1024]
-            self.state.put("device", device_id, device)
+        self.record_telemetry(device_id, request.body, {}, "https")
         return Response(204)
+
+    def record_telemetry(
+        self, device_id: str, body: bytes, properties: dict[str, str], transport: str
+    ) -> None:
+        """Count the message on the identity and append it to ``telemetry.jsonl``."""
+        with self.state.transaction():
+            device = self.state.get("device", device_id)
+            if device is not None:
+                device["_messages"] = device.get("_messages", 0) + 1
+                device["_last_message"] = body.decode(errors="replace")[:1024]
+                device["lastActivityTime"] = _now()
+                self.state.put("device", device_id, device)
+        line = {
+            "time": _now(),
+            "deviceId": device_id,
+            "transport": transport,
+            "properties": properties,
+            "body": body.decode(errors="replace"),
+        }
+        with self._telemetry_lock, (self.dir / TELEMETRY_LOG).open("a") as out:
+            out.write(json.dumps(line) + "\n")
 
 
 def _rfc7231(when: dt.datetime | None = None) -> str:

@@ -8,7 +8,6 @@ import binascii
 import datetime as dt
 import hashlib
 import ipaddress
-from itertools import pairwise
 from pathlib import Path
 
 from cryptography import x509
@@ -22,49 +21,92 @@ from ..files import write_atomic
 __all__ = ["common_name", "signed_by"]  # the emulator's certificate vocabulary, in one place
 
 
-def server_identity(data_dir: Path) -> tuple[Path, Path, Path]:
-    """(CA file, server cert, server key) in the data directory; made on first start."""
-    ca_file, cert_file, key_file = (
-        data_dir / n for n in ("server-ca.pem", "server.cert.pem", "server.key.pem")
+def _write_pem(path: Path, data: bytes, private: bool = False) -> None:
+    write_atomic(path, data, private=private)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    if ca_file.exists() and cert_file.exists() and key_file.exists():
-        return ca_file, cert_file, key_file
+
+
+def _server_names(hosts: list[str]) -> list[x509.GeneralName]:
+    """``localhost`` and 127.0.0.1 always, plus every address or name the emulator serves:
+    the device SDKs check the host against the subjectAltName (an IP SAN for an IP host),
+    never against the CN."""
+    names: list[x509.GeneralName] = [x509.DNSName("localhost")]
+    addresses = {ipaddress.ip_address("127.0.0.1")}
+    for host in hosts:
+        try:
+            addresses.add(ipaddress.ip_address(host))
+        except ValueError:
+            if host != "localhost":
+                names.append(x509.DNSName(host))
+    return names + [x509.IPAddress(a) for a in sorted(addresses, key=str)]
+
+
+def _covers(cert: x509.Certificate, names: list[x509.GeneralName]) -> bool:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return False
+    return set(names) <= set(san)
+
+
+def server_identity(data_dir: Path, hosts: list[str] | None = None) -> tuple[Path, Path, Path]:
+    """(CA file, server cert, server key) in the data directory. The CA is made once; the
+    server certificate is re-issued when it does not name every host the emulator serves
+    (``hosts``: its listening addresses or names)."""
+    ca_file, ca_key_file, cert_file, key_file = (
+        data_dir / n
+        for n in ("server-ca.pem", "server-ca.key.pem", "server.cert.pem", "server.key.pem")
+    )
+    names = _server_names(hosts or [])
     now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "provline emulator CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=3650))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
+    if ca_file.exists() and ca_key_file.exists():
+        ca = x509.load_pem_x509_certificate(ca_file.read_bytes())
+        loaded = serialization.load_pem_private_key(ca_key_file.read_bytes(), None)
+        assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+        ca_key = loaded
+        if cert_file.exists() and key_file.exists():
+            current = x509.load_pem_x509_certificate(cert_file.read_bytes())
+            if _covers(current, names) and current.not_valid_after_utc > now:
+                return ca_file, cert_file, key_file
+    else:
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "provline emulator CA")])
+        ca = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        _write_pem(ca_key_file, _key_pem(ca_key), private=True)
+        _write_pem(ca_file, ca.public_bytes(serialization.Encoding.PEM))
     key = ec.generate_private_key(ec.SECP256R1())
-    names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
-        .issuer_name(ca_name)
+        .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=3650))
+        .not_valid_after(min(now + dt.timedelta(days=825), ca.not_valid_after_utc))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
-    pem = serialization.Encoding.PEM
-    write_atomic(ca_file, ca.public_bytes(pem))
-    write_atomic(cert_file, cert.public_bytes(pem))
-    write_atomic(
-        key_file,
-        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-        private=True,
-    )
+    _write_pem(key_file, _key_pem(key), private=True)
+    _write_pem(cert_file, cert.public_bytes(serialization.Encoding.PEM))
     return ca_file, cert_file, key_file
 
 
@@ -112,14 +154,3 @@ def info(cert: x509.Certificate) -> dict[str, object]:
 def valid_now(cert: x509.Certificate) -> bool:
     now = dt.datetime.now(dt.UTC)
     return cert.not_valid_before_utc <= now <= cert.not_valid_after_utc
-
-
-def verified_path(chain: list[x509.Certificate]) -> list[x509.Certificate] | None:
-    """The presented chain (leaf first) if each certificate is valid now and signed by the
-    next one; None otherwise."""
-    if not chain or not all(valid_now(c) for c in chain):
-        return None
-    for child, parent in pairwise(chain):
-        if not signed_by(child, parent):
-            return None
-    return chain

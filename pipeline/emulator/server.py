@@ -6,15 +6,16 @@ and fault injection."""
 from __future__ import annotations
 
 import contextlib
-import io
+import errno
 import json
 import math
 import random
 import socket
+import socketserver
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,6 +24,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from cryptography import x509
 from OpenSSL import SSL
+
+from . import mqtt
+from .stream import Stream, TLSStream
+from .websocket import WEBSOCKET_PATH, WebSocketStream, handshake_response
 
 
 @dataclass
@@ -81,27 +86,77 @@ class Window:
             return None
 
 
-class _TLSStream(io.RawIOBase):
+def _recv(conn: SSL.Connection, n: int) -> bytes:
+    try:
+        return bytes(conn.recv(n))
+    except (SSL.ZeroReturnError, SSL.SysCallError):
+        return b""
+
+
+class _Reader:
+    """What BaseHTTPRequestHandler reads the request through (``readline``, ``read``),
+    with the bytes it has buffered handed over when the connection becomes MQTT over
+    WebSockets."""
+
+    def __init__(self, conn: SSL.Connection) -> None:
+        self._conn = conn
+        self._buffer = bytearray()
+
+    def _fill(self) -> bool:
+        data = _recv(self._conn, 65536)
+        self._buffer += data
+        return bool(data)
+
+    def readline(self, limit: int = -1) -> bytes:
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0 and (limit < 0 or end < limit):
+                n = end + 1
+                break
+            if 0 <= limit <= len(self._buffer) or not self._fill():
+                n = len(self._buffer) if limit < 0 else min(limit, len(self._buffer))
+                break
+        out = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return out
+
+    def read(self, n: int) -> bytes:
+        while len(self._buffer) < n and self._fill():
+            pass
+        out = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return out
+
+    def take(self) -> bytes:
+        out = bytes(self._buffer)
+        self._buffer.clear()
+        return out
+
+
+class _Writer:
     def __init__(self, conn: SSL.Connection) -> None:
         self._conn = conn
 
-    def readable(self) -> bool:
-        return True
-
-    def writable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        try:
-            data = self._conn.recv(len(buffer))
-        except (SSL.ZeroReturnError, SSL.SysCallError):
-            return 0
-        buffer[: len(data)] = data
-        return len(data)
-
-    def write(self, data: Any) -> int:
+    def write(self, data: bytes) -> int:
         self._conn.sendall(bytes(data))
         return len(data)
+
+    def flush(self) -> None:
+        return
+
+
+def peer_chain(conn: SSL.Connection) -> list[x509.Certificate]:
+    """The client's chain as presented, leaf first. On the server side OpenSSL's peer chain
+    leaves the leaf out."""
+    leaf = conn.get_peer_certificate(as_cryptography=True)
+    if leaf is None:
+        return []
+    rest = list(conn.get_peer_cert_chain(as_cryptography=True) or [])
+    return [leaf, *(c for c in rest if c != leaf)]
+
+
+# MQTT over WebSockets on an HTTPS listener: (stream, client chain) -> runs the session
+WebSocketHandler = Callable[[Stream, list[x509.Certificate]], None]
 
 
 class _Server(ThreadingHTTPServer):
@@ -114,10 +169,12 @@ class _Server(ThreadingHTTPServer):
         ssl_context: SSL.Context,
         route: Handler,
         faults: Callable[[], Faults],
+        websocket: WebSocketHandler | None = None,
     ) -> None:
         self.ssl_context = ssl_context
         self.route = route
         self.faults = faults
+        self.websocket = websocket
         super().__init__(address, _RequestHandler)
 
 
@@ -134,8 +191,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self.handshake_ok = False
         else:
             self.handshake_ok = True
-        self.rfile = io.BufferedReader(_TLSStream(self.conn))
-        self.wfile = _TLSStream(self.conn)  # type: ignore[assignment]
+        self.reader = _Reader(self.conn)
+        self.rfile = self.reader  # type: ignore[assignment]
+        self.wfile = _Writer(self.conn)  # type: ignore[assignment]
 
     def handle(self) -> None:
         if self.handshake_ok:
@@ -149,14 +207,27 @@ class _RequestHandler(BaseHTTPRequestHandler):
         return
 
     def _chain(self) -> list[x509.Certificate]:
-        """Leaf first. On the server side OpenSSL's peer chain leaves the leaf out."""
-        leaf = self.conn.get_peer_certificate(as_cryptography=True)
-        if leaf is None:
-            return []
-        rest = list(self.conn.get_peer_cert_chain(as_cryptography=True) or [])
-        return [leaf, *(c for c in rest if c != leaf)]
+        return peer_chain(self.conn)
+
+    def _upgrade(self) -> None:
+        """MQTT over WebSockets: only on the documented path with the ``mqtt`` subprotocol."""
+        protocols = {p.strip() for p in self.headers.get("Sec-WebSocket-Protocol", "").split(",")}
+        key = self.headers.get("Sec-WebSocket-Key")
+        self.close_connection = True
+        if self.server.websocket is None or self.path != WEBSOCKET_PATH:
+            self._send(Response(404, None))
+            return
+        if not key or "mqtt" not in protocols or self.command != "GET":
+            self._send(Response(400, None))
+            return
+        self.conn.sendall(handshake_response(key))
+        stream = WebSocketStream(TLSStream(self.conn, self.request, self.reader.take()))
+        self.server.websocket(stream, self._chain())
 
     def _serve(self) -> None:
+        if self.headers.get("Upgrade", "").lower() == "websocket":
+            self._upgrade()
+            return
         faults = self.server.faults()
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
@@ -217,6 +288,28 @@ def error(status: int, code: int, message: str, headers: dict[str, str] | None =
     return Response(status, body, {"x-ms-error-code": str(code), **(headers or {})})
 
 
+class ListenError(OSError):
+    """An address and port the emulator cannot listen on, said in one line."""
+
+
+@contextlib.contextmanager
+def _listening(host: str, port: int) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        hint = ""
+        if exc.errno == errno.EACCES and 0 < port < 1024:
+            hint = (
+                "; ports below 1024 need root, CAP_NET_BIND_SERVICE or "
+                "net.ipv4.ip_unprivileged_port_start (docs/emulator.md)"
+            )
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            hint = "; the address is not on this machine (a loopback alias? docs/emulator.md)"
+        raise ListenError(
+            exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}{hint}"
+        ) from exc
+
+
 def tls_context(cert_file: Path, key_file: Path) -> SSL.Context:
     """Ask every client for a certificate, accept any at the TLS layer: like DPS, the
     emulator judges the chain in the application and answers 401 with a JSON body."""
@@ -230,10 +323,53 @@ def tls_context(cert_file: Path, key_file: Path) -> SSL.Context:
 
 
 def serve(
-    host: str, port: int, ctx: SSL.Context, route: Handler, faults: Callable[[], Faults]
+    host: str,
+    port: int,
+    ctx: SSL.Context,
+    route: Handler,
+    faults: Callable[[], Faults],
+    websocket: WebSocketHandler | None = None,
 ) -> _Server:
-    server = _Server((host, port), ctx, route, faults)
+    with _listening(host, port):
+        server = _Server((host, port), ctx, route, faults, websocket)
     threading.Thread(
         target=server.serve_forever, name=f"emulator:{server.server_port}", daemon=True
+    ).start()
+    return server
+
+
+class _MqttServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(
+        self, address: tuple[str, int], ssl_context: SSL.Context, router: mqtt.Router
+    ) -> None:
+        self.ssl_context = ssl_context
+        self.router = router
+        super().__init__(address, _MqttConnection)
+
+
+class _MqttConnection(socketserver.BaseRequestHandler):
+    server: _MqttServer
+
+    def handle(self) -> None:
+        conn = SSL.Connection(self.server.ssl_context, self.request)
+        conn.set_accept_state()
+        try:
+            conn.do_handshake()
+        except (SSL.Error, OSError):
+            return
+        mqtt.serve_session(TLSStream(conn, self.request), peer_chain(conn), self.server.router)
+
+
+def serve_mqtt(host: str, port: int, ctx: SSL.Context, router: mqtt.Router) -> _MqttServer:
+    """MQTT over TLS (port 8883 on Azure): the same accept-any TLS context as HTTPS, the
+    chain judged by the router at CONNECT and by the service per request."""
+    with _listening(host, port):
+        server = _MqttServer((host, port), ctx, router)
+    threading.Thread(
+        target=server.serve_forever, name=f"emulator-mqtt:{server.server_address[1]}", daemon=True
     ).start()
     return server

@@ -1,21 +1,53 @@
 """The chain pre-flight: before the first registration call, every bundle is checked the way
 DPS will check the device that presents it (Microsoft Learn, "X.509 certificate
 attestation": the device sends the chain from its leaf up to a certificate verified by proof
-of possession; the leaf's CN is the registration ID). A device DPS would refuse with 401002
-in the field is refused here, before anything is registered."""
+of possession; the leaf's CN is the registration ID). The chain is validated by RFC 5280
+path validation (:mod:`pipeline.ca.validation`: basic constraints, path length, key usage,
+clientAuth), so a leaf that signs another "leaf" is refused here as DPS refuses it with
+401002 and as ``openssl verify`` does, before anything is registered."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from itertools import pairwise
 
 from cryptography import x509
 
-from ..ca.certs import common_name, is_ca, signed_by, thumbprints
+from ..ca.certs import common_name, is_ca, thumbprints
+from ..ca.validation import PathError, validate_client_path
 from ..layout import FULL_CHAIN
 from .target import Target
 
 MAX_PROBLEMS = 20
+
+
+def check_chain(
+    chain: list[x509.Certificate],
+    registration_id: str,
+    root: x509.Certificate,
+    must_contain: x509.Certificate | None = None,
+    verified: set[str] | None = None,
+) -> str | None:
+    """The first reason DPS would refuse a device presenting ``chain`` (leaf first), or
+    None. ``must_contain``: the group's signing certificate; ``verified``: SHA-1 thumbprints
+    of the CAs DPS has verified (None when the endpoint cannot say)."""
+    if not chain or is_ca(chain[0]):
+        return "the leaf is not first"
+    leaf = chain[0]
+    if common_name(leaf) != registration_id:
+        return f"CN {common_name(leaf)!r} is not the registration ID"
+    try:
+        path = validate_client_path(leaf, chain[1:], [root])
+    except PathError as exc:
+        return f"the chain does not validate to the station root (RFC 5280): {exc}"
+    if chain[-1] != root:
+        return "the chain does not end at the station root"
+    if must_contain is not None and must_contain not in path[1:]:
+        return "the group's signing certificate is not in the chain"
+    if verified is not None and not any(thumbprints(c).sha1 in verified for c in path[1:]):
+        return (
+            "no certificate of the chain is a CA verified by proof of possession (use --upload-ca)"
+        )
+    return None
 
 
 def preflight(
@@ -24,9 +56,8 @@ def preflight(
     must_contain: x509.Certificate | None,
     verified: set[str] | None,
 ) -> list[str]:
-    """Problems (at most :data:`MAX_PROBLEMS`) that would make DPS refuse a device.
-    ``must_contain``: the group's signing certificate; ``verified``: SHA-1 thumbprints of
-    the CAs DPS has verified, None when the endpoint cannot say."""
+    """Problems (at most :data:`MAX_PROBLEMS`) that would make DPS refuse a device, one line
+    each, naming the bundle file."""
     problems = []
     for t in targets:
         path = t.bundle / FULL_CHAIN
@@ -36,21 +67,13 @@ def preflight(
         except (OSError, ValueError):
             problems.append(f"{path}: unreadable chain or certificate")
             continue
-        if chain[0] != leaf or is_ca(chain[0]):
-            problems.append(f"{path}: the leaf is not first")
-        elif common_name(chain[0]) != t.registration_id:
-            problems.append(f"{path}: CN {common_name(chain[0])!r} is not the registration ID")
-        elif any(not signed_by(c, p) for c, p in pairwise(chain)):
-            problems.append(f"{path}: a link is not signed by the next certificate")
-        elif chain[-1] != root:
-            problems.append(f"{path}: the chain does not end at the station root")
-        elif must_contain is not None and must_contain not in chain:
-            problems.append(f"{path}: the group's signing certificate is not in the chain")
-        elif verified is not None and not any(thumbprints(c).sha1 in verified for c in chain[1:]):
-            problems.append(
-                f"{path}: no certificate of the chain is a CA verified by proof "
-                "of possession (use --upload-ca)"
-            )
+        problem = (
+            "the leaf is not first"
+            if chain[0] != leaf
+            else check_chain(chain, t.registration_id, root, must_contain, verified)
+        )
+        if problem:
+            problems.append(f"{path}: {problem}")
         if len(problems) >= MAX_PROBLEMS:
             break
     return problems

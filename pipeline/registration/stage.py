@@ -247,7 +247,7 @@ async def run_stage(stage: Stage, targets: list[Target], record: Record) -> Stag
                 await stage.upload_ca(svc)
             verified = None
             leaf = targets[0].leaf
-            if mode is RegistrationMode.INDIVIDUAL and leaf.issuer != leaf.subject:
+            if leaf.issuer != leaf.subject:  # groups too: DPS wants a verified CA in the chain
                 verified = await stage.verified_thumbprints(svc)
             must = stage.issuer.cert if mode is RegistrationMode.GROUP else None
             problems = preflight(targets, stage.root, must, verified)

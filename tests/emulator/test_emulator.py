@@ -5,7 +5,6 @@ HTTPS without an SDK"), IoT Hub through azure-iot-hub."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,19 +14,20 @@ from typing import Any
 import httpx
 import pytest
 
-from pipeline.config.manifest import load_manifest
-from pipeline.config.station import load_station
 from pipeline.registration.endpoints import ConnectionString
-from pipeline.run import run_batch
 
 from ..support import (
     CA,
     PASSPHRASE,
+    PROVLINE,
+    ROOT,
     Emu,
     Hsm,
-    provline,
+    leaf_signed_chain,
+    make_pkcs8_batch,
+    openssl,
     start_emulator,
-    write_station,
+    verify_ca,
 )
 
 pytestmark = pytest.mark.integration
@@ -43,22 +43,21 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Emu]:
 @pytest.fixture(scope="module")
 def batch(hsm_env: Hsm, ca_env: CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A pkcs8-custody batch: what curl and the SDK samples consume."""
-    os.environ["PROVLINE_TEST_PASSPHRASE"] = PASSPHRASE
-    base = tmp_path_factory.mktemp("emubatch")
-    station = load_station(
-        write_station(base / "s.yaml", hsm_env, ca_env, custody="pkcs8", output=base / "out")
+    return make_pkcs8_batch(
+        hsm_env, ca_env, tmp_path_factory.mktemp("emubatch"), "emu", "emu-dev-", 6
     )
-    manifest = base / "m.yaml"
-    manifest.write_text("batch_id: emu\ngenerator: {prefix: emu-dev-, digits: 3, count: 6}\n")
-    result = run_batch(load_manifest(manifest), station)
-    assert result.exit_code == 0
-    return result.batch_dir
 
 
 def curl(
-    emu: Emu, bundle: Path, method: str, url: str, body: str | None = None
+    emu: Emu,
+    bundle: Path,
+    method: str,
+    url: str,
+    body: str | None = None,
+    cert_and_key: tuple[Path, Path] | None = None,
 ) -> tuple[int, dict[str, str], Any]:
     """The documented curl command, plus --cacert for the emulator's own server CA."""
+    cert, key = cert_and_key or (bundle / "full-chain.cert.pem", bundle / "device.key.pem")
     cmd = [
         "curl",
         "-s",
@@ -69,9 +68,9 @@ def curl(
         "--cacert",
         emu.info["tls_ca_file"],
         "--cert",
-        str(bundle / "full-chain.cert.pem"),
+        str(cert),
         "--key",
-        str(bundle / "device.key.pem"),
+        str(key),
         "--pass",
         PASSPHRASE,
         "-H",
@@ -89,7 +88,9 @@ def curl(
     return status, headers, json.loads(payload) if payload.strip() else None
 
 
-def register(emu: Emu, bundle: Path, rid: str | None = None) -> dict[str, Any]:
+def register(
+    emu: Emu, bundle: Path, rid: str | None = None, cert_and_key: tuple[Path, Path] | None = None
+) -> dict[str, Any]:
     rid = rid or bundle.name
     base = f"{emu.info['dps_device_endpoint']}/{emu.info['id_scope']}/registrations/{rid}"
     status, headers, body = curl(
@@ -98,14 +99,21 @@ def register(emu: Emu, bundle: Path, rid: str | None = None) -> dict[str, Any]:
         "PUT",
         f"{base}/register?api-version=2019-03-31",
         json.dumps({"registrationId": rid}),
+        cert_and_key,
     )
     if status != 202:
         return {"http": status, **(body or {})}
     assert body["status"] == "assigning" and int(headers["retry-after"]) >= 1
+    # an absolute URL, as DPS sends it
+    assert headers["location"] == f"{base}/operations/{body['operationId']}"
     for _ in range(20):
         time.sleep(0.3)
         status, _, body = curl(
-            emu, bundle, "GET", f"{base}/operations/{body['operationId']}?api-version=2021-06-01"
+            emu,
+            bundle,
+            "GET",
+            f"{base}/operations/{body['operationId']}?api-version=2021-06-01",
+            cert_and_key=cert_and_key,
         )
         if status == 200:
             return {"http": 200, **body}
@@ -118,38 +126,7 @@ def _pem(path: Path) -> str:
 
 
 def _upload_and_verify_root(emu: Emu, ca_env: CA, hsm_env: Hsm, tmp_path: Path, name: str) -> None:
-    with emu.service() as svc:
-        put = svc.put(
-            f"/certificates/{name}", json={"properties": {"certificate": _pem(ca_env.root)}}
-        )
-        assert put.status_code == 200 and put.json()["properties"]["isVerified"] is False
-        code = svc.post(
-            f"/certificates/{name}/generateVerificationCode",
-            headers={"If-Match": put.json()["etag"]},
-        )
-        assert code.status_code == 200, code.text
-        verification = code.json()["properties"]["verificationCode"]
-        pop = tmp_path / "pop.pem"
-        provline(
-            "ca",
-            "pop",
-            "--code",
-            verification,
-            "--ca-cert",
-            str(ca_env.root),
-            "--ca-key",
-            ca_env.root_key_uri,
-            "--out",
-            str(pop),
-            env=hsm_env.env(),
-        )
-        done = svc.post(
-            f"/certificates/{name}/verify",
-            headers={"If-Match": code.json()["etag"]},
-            json={"certificate": _pem(pop)},
-        )
-        assert done.status_code == 200, done.text
-        assert done.json()["properties"]["isVerified"] is True
+    verify_ca(emu, ca_env.root, ca_env.root_key_uri, hsm_env, tmp_path, name)
 
 
 def test_individual_enrollment_curl_flow_and_unverified_ca(
@@ -417,3 +394,130 @@ def test_device_polling_limit(emu: Emu, batch: Path) -> None:
     assert [s for s, _, _ in statuses[:5]] == [404] * 5
     status, headers, body = statuses[5]
     assert status == 429 and body["errorCode"] == 429001 and int(headers["retry-after"]) >= 1
+
+
+def _group(gid: str, signing: Path) -> dict[str, Any]:
+    return {
+        "enrollmentGroupId": gid,
+        "attestation": {
+            "type": "x509",
+            "x509": {"signingCertificates": {"primary": {"certificate": _pem(signing)}}},
+        },
+    }
+
+
+def test_group_needs_a_verified_ca_and_a_leaf_cannot_sign(
+    batch: Path, ca_env: CA, hsm_env: Hsm, tmp_path: Path
+) -> None:
+    """DPS refuses a group's device until a CA of its chain is verified by proof of
+    possession, and refuses a chain where a device leaf signed another "leaf" (RFC 5280:
+    only a CA signs), as openssl does; both with 401 / 401002."""
+    e = start_emulator(tmp_path / "emu", "--assign-seconds", "0.2")
+    try:
+        with e.service() as svc:
+            assert svc.put("/enrollmentGroups/line-v", json=_group("line-v", ca_env.intermediate))
+            assert svc.get("/certificates").json() == {"value": []}
+        device = batch / "emu-dev-002"
+        refused = register(e, device)
+        assert refused["http"] == 401 and refused["errorCode"] == 401002, refused
+        assert "verified" in refused["message"]
+        verify_ca(e, ca_env.intermediate, ca_env.issuer_key_uri, hsm_env, tmp_path, "issuing")
+        assert register(e, device)["status"] == "assigned"
+        rogue = leaf_signed_chain(device, tmp_path / "rogue", "emu-rogue")
+        refused = register(e, device, rid="emu-rogue", cert_and_key=rogue)
+        assert refused["http"] == 401 and refused["errorCode"] == 401002, refused
+        assert "basicConstraints" in refused["message"]
+        # openssl agrees: the chain is refused, the device's own chain is not
+        args = ["verify", "-purpose", "sslclient", "-CAfile", str(ca_env.root)]
+        own_chain = str(device / "full-chain.cert.pem")
+        bad = openssl(*args, "-untrusted", own_chain, str(rogue[0]))
+        assert bad.returncode != 0 and b"invalid CA certificate" in bad.stdout + bad.stderr
+        good = openssl(*args, "-untrusted", own_chain, str(device / "device.cert.pem"))
+        assert good.returncode == 0, good.stderr
+        # the hub refuses the same chain for a CA-authenticated identity of that name
+        hub_cs = ConnectionString.parse(e.info["hub_connection_string"])
+        created = httpx.put(
+            f"https://{hub_cs.host}/devices/emu-rogue?api-version=2021-04-12",
+            json={"deviceId": "emu-rogue", "authentication": {"type": "certificateAuthority"}},
+            headers={"Authorization": hub_cs.token()},
+            verify=e.tls(),
+        )
+        assert created.status_code == 200, created.text
+        url = f"https://{hub_cs.host}/devices/{{}}/messages/events?api-version=2020-03-13"
+        assert curl(e, device, "POST", url.format("emu-rogue"), "{}", rogue)[0] == 401
+        assert curl(e, device, "POST", url.format("emu-dev-002"), "{}")[0] == 204
+    finally:
+        e.stop()
+
+
+def test_registry_list_and_query_with_azure_iot_hub(
+    emu: Emu, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """azure-iot-hub's get_devices and query_iot_hub against the emulated registry; the
+    times arrive with a time zone, as IoT Hub sends them."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", emu.info["tls_ca_file"])
+    from azure.iot.hub import IoTHubRegistryManager
+    from azure.iot.hub.models import QuerySpecification
+
+    manager = IoTHubRegistryManager.from_connection_string(emu.info["hub_connection_string"])
+    for n in range(1, 6):
+        manager.create_device_with_certificate_authority(f"reg-{n}", "enabled")
+    manager.create_device_with_certificate_authority("reg-off", "disabled")
+    listed = manager.get_devices()
+    ids = [d.device_id for d in listed]
+    assert {f"reg-{n}" for n in range(1, 6)} | {"reg-off"} <= set(ids)
+    assert len(manager.get_devices(max_number_of_devices=2)) == 2
+    device = next(d for d in listed if d.device_id == "reg-1")
+    assert device.last_activity_time.tzinfo is not None
+    assert device.connection_state == "Disconnected"
+
+    everything = manager.query_iot_hub(QuerySpecification(query="SELECT * FROM devices"))
+    assert set(ids) <= {t.device_id for t in everything.items}
+    assert everything.type == "Twin" and everything.continuation_token is None
+    one = manager.query_iot_hub(
+        QuerySpecification(query="SELECT * FROM devices WHERE deviceId = 'reg-3'")
+    )
+    assert [t.device_id for t in one.items] == ["reg-3"]
+    assert one.items[0].status == "enabled" and one.items[0].authentication_type == (
+        "certificateAuthority"
+    )
+    off = manager.query_iot_hub(
+        QuerySpecification(
+            query="select * from devices where status = 'disabled' and deviceId IN ['reg-off', 'x']"
+        )
+    )
+    assert [t.device_id for t in off.items] == ["reg-off"]
+    paged = manager.query_iot_hub(QuerySpecification(query="SELECT * FROM devices"), None, 2)
+    assert len(paged.items) == 2 and paged.continuation_token
+    rest = manager.query_iot_hub(
+        QuerySpecification(query="SELECT * FROM devices"), paged.continuation_token, 1000
+    )
+    seen = [t.device_id for t in paged.items + rest.items]
+    assert sorted(seen) == sorted(set(seen)) and set(ids) <= set(seen)
+    with pytest.raises(Exception, match="Bad Request"):
+        manager.query_iot_hub(QuerySpecification(query="SELECT COUNT() FROM devices"))
+
+
+def test_emulator_json_paths_are_absolute_with_a_relative_data_dir(tmp_path: Path) -> None:
+    """``--data-dir`` relative to the working directory (as make demo starts it): every
+    path in emulator.json is absolute, so provline run from elsewhere finds the trust."""
+    proc = subprocess.Popen(
+        [*PROVLINE, "emulator", "serve", "--data-dir", "rel/emu"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    info_path = tmp_path / "rel" / "emu" / "emulator.json"
+    try:
+        deadline = time.monotonic() + 30
+        while not info_path.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        info = json.loads(info_path.read_text())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    for key in ("tls_ca_file", "data_dir", "telemetry_log"):
+        assert Path(info[key]).is_absolute(), (key, info[key])
+    assert Path(info["tls_ca_file"]).read_text().startswith("-----BEGIN CERTIFICATE-----")
+    assert Path(info["data_dir"]) == (tmp_path / "rel" / "emu").resolve()
+    assert tmp_path != ROOT

@@ -109,7 +109,8 @@ def test_individual_enrols_every_device_exactly_once(
 def test_group_mode_makes_one_group(hsm_env: Hsm, ca_env: CA, emu: Emu, tmp_path: Path) -> None:
     station = load_station(_station(tmp_path, hsm_env, ca_env, emu))
     manifest = load_manifest(_manifest(tmp_path, "grp", "grp-", 30, "group"))
-    result = run_batch(manifest, station)
+    # DPS trusts a group's devices only through a CA verified by proof of possession
+    result = run_batch(manifest, station, register=RegisterOptions(upload_ca=True))
     assert result.exit_code == 0 and result.report.counts == {"registered": 30}
     with emu.service() as svc:
         groups = svc.post("/enrollmentGroups/query", json={"query": "SELECT *"}).json()
@@ -252,7 +253,9 @@ def test_device_check_registers_and_sends_telemetry(
     station_path = _station(tmp_path, hsm_env, ca_env, emu, custody="pkcs8")
     manifest = _manifest(tmp_path, "smoke", "sm-", 8, "group")
     env = {**hsm_env.env(), "PROVLINE_TEST_PASSPHRASE": "device-check-passphrase"}
-    proc = provline("run", str(manifest), "--station", str(station_path), "--smoke", "3", env=env)
+    proc = provline(
+        "run", str(manifest), "--station", str(station_path), "--upload-ca", "--smoke", "3", env=env
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("sm-")]
     assert [line.split(":")[0] for line in lines] == ["sm-0001", "sm-0005", "sm-0008"]
     assert all(
@@ -332,7 +335,7 @@ def test_device_check_of_retained_keys_signs_inside_the_hsm(
 ) -> None:
     station_path = _station(tmp_path, hsm_env, ca_env, emu, custody="retain")
     manifest = _manifest(tmp_path, "retained", "rtk-", 3, "group")
-    provline("run", str(manifest), "--station", str(station_path), env=hsm_env.env())
+    provline("run", str(manifest), "--station", str(station_path), "--upload-ca", env=hsm_env.env())
     check = provline(
         "verify-device",
         str(tmp_path / "out" / "retained"),
