@@ -170,7 +170,7 @@ def test_emulator_stopped_mid_stage_then_resumed(
     stopper = threading.Thread(target=stop_soon)
     stopper.start()
     slow = RegisterOptions(
-        upload_ca=True, operations_per_minute=240, concurrency=2, device_deadline=3
+        upload_ca=True, operations_per_minute=60, concurrency=2, device_deadline=3
     )
     first = run_batch(manifest, station, register=slow)
     stopper.join()
