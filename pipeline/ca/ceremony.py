@@ -8,6 +8,7 @@ overwrites a CA certificate or key file.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,27 @@ class Created:
 def _refuse_existing(path: Path) -> None:
     if path.exists():
         raise InputError(f"{path} already exists", rule="never overwrite a CA")
+    probe = path.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(
+            f"cannot write {path}: {probe} is not a writable directory",
+            rule="output directory writable",
+        )
+
+
+def _write(files: dict[Path, bytes]) -> None:
+    """Write the ceremony's certificates; a failure (disk full...) is one line, and inside
+    ``undo_on_failure`` it also takes the new key away again."""
+    try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, data, fsync=True)
+    except OSError as exc:
+        raise InputError(
+            f"cannot write {path}: {exc.strerror or exc}", rule="output directory writable"
+        ) from exc
 
 
 def init_root(
@@ -68,8 +90,7 @@ def init_root(
         with t.undo_on_failure() as created:
             signer = t.generate_named_keypair(profile, label, created, f"root CA key ({profile})")
             cert = builders.build_root(signer, name, days)
-            out.mkdir(parents=True, exist_ok=True)
-            write_atomic(cert_path, pem(cert), fsync=True)
+            _write({cert_path: pem(cert)})
         location = str(hsm.Pkcs11Uri(token=token, object=label, type="private"))
         return Created({"root certificate": cert_path}, location)
     if key_file.exists():
@@ -112,9 +133,7 @@ def init_intermediate(
     with t.undo_on_failure() as created:
         signer = t.generate_named_keypair(profile, label, created, f"issuing CA key ({profile})")
         cert = builders.build_intermediate(signer.public_key(), name, root, root_signer, days)
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(cert_path, pem(cert), fsync=True)
-        write_atomic(chain_path, pem(cert) + pem(root), fsync=True)
+        _write({cert_path: pem(cert), chain_path: pem(cert) + pem(root)})
     return Created(
         {"intermediate certificate": cert_path, "chain (issuer → root)": chain_path},
         str(hsm.Pkcs11Uri(token=token, object=label, type="private")),
@@ -177,8 +196,7 @@ def audit_key(
     with t.undo_on_failure() as created:
         signer = t.generate_named_keypair(profile, label, created, f"audit key ({profile})")
         cert = builders.build_audit_signer(signer.public_key(), name, issuer, issuer_signer, days)
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(out / AUDIT_CERT, pem(cert), fsync=True)
+        _write({out / AUDIT_CERT: pem(cert)})
     return Created(
         {"audit certificate": out / AUDIT_CERT},
         str(hsm.Pkcs11Uri(token=token, object=label, type="private")),

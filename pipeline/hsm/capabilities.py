@@ -337,7 +337,7 @@ def format_report(data: dict[str, Any]) -> list[str]:
     rows = [("function", "needed by", "mechanism or attribute", "token")] + [
         (r["function"], r["needed_by"], r["uses"], r["status"]) for r in data["functions"]
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         out.append("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
     for r in data["functions"]:
