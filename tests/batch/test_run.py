@@ -151,6 +151,8 @@ def test_wrapped_batch_of_200(
         serials.add(cert.serial_number)
         assert info["serial"] == format(cert.serial_number, "X")
         assert info["tags"] == {"line": "A"}
+        assert info["key"]["wrap_mechanism"] == "CKM_AES_KEY_WRAP_PAD"  # SoftHSM2: RFC 5649
+        assert info["key"]["transport_key_check_method"] == "CKA_CHECK_VALUE"
         assert info["key"]["transport_key_check_value"] == hsm.check_value(
             _token(hsm_env).find(ObjectClass.SECRET_KEY, label="test-kek")
         )
