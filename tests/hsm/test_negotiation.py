@@ -42,6 +42,7 @@ def test_hsm_check_prints_what_each_function_needs_and_what_softhsm2_offers(
     station = write_station(tmp_path / "w.yaml", hsm_env, ca_env, output=tmp_path / "out")
     before = _objects(_token(hsm_env))
     proc = provline("hsm", "check", "--station", str(station), env=hsm_env.env())
+    print(proc.stdout)  # the table, for the record (pytest -s)
     text = proc.stdout
     assert "known as: SoftHSM2" in text and "PIN 4..255 characters" in text
     rows = {tuple(line.split("  ")[0:1]) for line in text.splitlines()}
