@@ -17,8 +17,9 @@ EMULATOR_ARGS ?= $(if $(filter 0,$(shell id -u)),--host 127.77.0.1 --hub-host 12
 
 setup: tools $(STAMP)
 
-# SoftHSM2 (softhsm2-util, the module), OpenSC (pkcs11-tool), the openssl and curl CLIs, and
-# OpenSSL's PKCS#11 engine (device checks of retained keys).
+# SoftHSM2 (softhsm2-util, the module), OpenSC (pkcs11-tool), the openssl and curl CLIs,
+# OpenSSL's PKCS#11 engine (device checks of retained keys), and openCryptoki (pkcsslotd,
+# pkcsconf, its software token: the second PKCS#11 implementation the tests run on).
 tools:
 	@missing=""; \
 	command -v softhsm2-util >/dev/null || missing="$$missing softhsm2"; \
@@ -26,6 +27,7 @@ tools:
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	ls /usr/lib/*/engines-3/pkcs11.so >/dev/null 2>&1 || missing="$$missing libengine-pkcs11-openssl"; \
+	[ -x /usr/sbin/pkcsslotd ] || missing="$$missing opencryptoki"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  if [ "$$(id -u)" = 0 ]; then \

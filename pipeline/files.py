@@ -25,11 +25,15 @@ def write_atomic(path: Path, data: bytes, *, private: bool = False, fsync: bool 
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE if private else PUBLIC)
     try:
-        os.write(fd, data)
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            os.write(fd, data)
+            if fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:  # e.g. the disk is full: leave nothing half-written behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     if fsync:
         sync_directory(path.parent)

@@ -51,6 +51,7 @@ class AuditEvent(StrEnum):
     RESUME = "resume"
     TORN_TAIL_REMOVED = "torn_tail_removed"
     ORPHAN_REMOVED = "orphan_removed"
+    ORPHAN_KEPT = "orphan_kept"  # looked like debris but not provably provline's: left alone
     INTENT = "intent"
     ISSUED = "issued"
     VOID = "void"

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 
 import pytest
 
-from .support import CA, Hsm, make_ca, make_hsm
+from .support import CA, Hsm, Ock, make_ca, make_hsm, ock_unavailable, start_opencryptoki
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +36,15 @@ def hsm_env(_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Hsm:
 @pytest.fixture(scope="session")
 def ca_env(hsm_env: Hsm, tmp_path_factory: pytest.TempPathFactory) -> CA:
     return make_ca(hsm_env, tmp_path_factory.mktemp("ca"))
+
+
+@pytest.fixture(scope="session")
+def ock_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ock]:
+    """openCryptoki's software token, its own pkcsslotd in a private mount namespace; stopped
+    at the end of the session."""
+    reason = ock_unavailable()
+    if reason:
+        pytest.skip(reason)
+    ock = start_opencryptoki(tmp_path_factory.mktemp("opencryptoki"))
+    yield ock
+    ock.stop()

@@ -4,6 +4,7 @@ station configs, openssl, and the emulator as a subprocess. Fixtures are in conf
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -425,3 +426,141 @@ def leaf_signed_chain(bundle: Path, out: Path, cn: str) -> tuple[Path, Path]:
     )
     key_file.chmod(0o600)
     return chain_file, key_file
+
+
+# ---------------------------------------------------------------------------- openCryptoki
+# openCryptoki (Debian `opencryptoki`, 3.8) is the second, independent PKCS#11 implementation
+# the HSM-facing tests run on. Its paths are compiled in (/etc/opencryptoki, the token store
+# /var/lib/opencryptoki, the pkcsslotd socket and pid file in /run, shared memory in
+# /dev/shm), so each test session runs its own pkcsslotd in a private mount namespace where
+# those paths are bind-mounted from a temporary directory: the system's openCryptoki state is
+# never touched. That needs root (unshare/nsenter), as `make test` runs in CI.
+OCK_LABEL = "ock-station"
+OCK_DEFAULT_SO_PIN = "87654321"  # the software token's documented initial SO PIN
+
+
+def ock_module() -> str | None:
+    import glob
+
+    found = glob.glob("/usr/lib/*/pkcs11/libopencryptoki.so")
+    return found[0] if found else None
+
+
+def ock_unavailable() -> str | None:
+    """Why the openCryptoki tests cannot run here, or None."""
+    import shutil
+
+    if ock_module() is None or shutil.which("pkcsslotd") is None:
+        return "openCryptoki is not installed (run `make setup`: Debian opencryptoki)"
+    if os.geteuid() != 0:
+        return "openCryptoki runs in a private mount namespace, which needs root"
+    for tool in ("unshare", "nsenter", "mount"):
+        if shutil.which(tool) is None:
+            return f"{tool} (util-linux) is missing"
+    return None
+
+
+@dataclass
+class Ock:
+    """One pkcsslotd and one initialised software token in a private mount namespace."""
+
+    dir: Path
+    holder: subprocess.Popen[bytes]
+    module: str
+    token: str
+    pin_file: Path
+
+    def argv(self, *args: str) -> list[str]:
+        return ["nsenter", "-t", str(self.holder.pid), "-m", "--", *args]
+
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, "PROVLINE_PIN": self.pin_file.read_text().strip()}
+        env.pop("SOFTHSM2_CONF", None)
+        return env
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            self.argv(*args), capture_output=True, text=True, env=self.env(), cwd=ROOT, timeout=600
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(
+                f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+            )
+        return proc
+
+    def provline(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run(*PROVLINE, *args, check=check)
+
+    def python(self, code: str) -> str:
+        """Run python-pkcs11 code against the token inside the namespace; ``session`` is a
+        logged-in R/W session. Returns stdout."""
+        prelude = (
+            "import pkcs11, os\n"
+            f"lib = pkcs11.lib({self.module!r})\n"
+            f"session = lib.get_token(token_label={self.token!r}).open(rw=True, "
+            "user_pin=os.environ['PROVLINE_PIN'])\n"
+        )
+        return self.run(sys.executable, "-c", prelude + code).stdout
+
+    def stop(self) -> None:
+        pid_file = self.dir / "run" / "pkcsslotd.pid"
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+        self.holder.kill()
+        self.holder.wait(timeout=10)
+
+
+def start_opencryptoki(base: Path, label: str = OCK_LABEL) -> Ock:
+    from pipeline.hsm.softhsm import _run_with_pins
+
+    module = ock_module()
+    assert module is not None
+    base.mkdir(parents=True, exist_ok=True)
+    for sub in ("lib/swtok/TOK_OBJ", "run/lock/opencryptoki/swtok", "etc", "shm"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    (base / "etc" / "opencryptoki.conf").write_text(
+        "version opencryptoki-3.1\nslot 0\n{\nstdll = libpkcs11_sw.so\n}\n"
+    )
+    script = (
+        "set -e; "
+        f"mount --bind {base}/run /run; "
+        f"mount --bind {base}/lib /var/lib/opencryptoki; "
+        f"mount --bind {base}/etc/opencryptoki.conf /etc/opencryptoki/opencryptoki.conf; "
+        f"mount --bind {base}/shm /dev/shm; "
+        "pkcsslotd; echo ready; exec sleep 86400"
+    )
+    holder = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert holder.stdout is not None
+    if holder.stdout.readline().strip() != b"ready":
+        holder.kill()
+        raise AssertionError(f"pkcsslotd did not start: {holder.stderr.read()!r}")  # type: ignore[union-attr]
+    pin = base / "pin"
+    pin.write_text(secrets.token_hex(4) + "\n")  # openCryptoki's software token: PINs of 4-8
+    pin.chmod(0o600)
+    ock = Ock(base, holder, module, label, pin)
+    user_pin = pin.read_text().strip()
+    nsenter = [
+        "/usr/bin/nsenter",
+        "-t",
+        str(holder.pid),
+        "-m",
+        "--",
+        "/usr/sbin/pkcsconf",
+        "-c",
+        "0",
+    ]
+    env = {**os.environ}
+    for argv, answers in (
+        ([*nsenter, "-I"], [OCK_DEFAULT_SO_PIN, label]),
+        ([*nsenter, "-u"], [OCK_DEFAULT_SO_PIN, user_pin, user_pin]),
+    ):
+        out, code = _run_with_pins(argv, answers, env)
+        if code != 0:
+            ock.stop()
+            raise AssertionError(f"pkcsconf {argv[-1]} failed: {out}")
+    return ock

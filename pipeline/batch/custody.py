@@ -1,10 +1,11 @@
 """Device key custody (README "Key custody"): who holds a device's private key.
 
 * ``wrapped``: key pair made as session objects, the private key wrapped in the HSM under the
-  station transport key (CKM_AES_KEY_WRAP_PAD), both halves destroyed. Only the wrapped blob
+  station transport key (RFC 5649: CKM_AES_KEY_WRAP_KWP, or CKM_AES_KEY_WRAP_PAD where the
+  module is known to mean RFC 5649 by it), both halves destroyed. Only the wrapped blob
   leaves the HSM.
 * ``retain``: token objects, never extractable, label = registration ID, CKA_ID = SHA-1 of
-  the public key; the bundle names the key by PKCS#11 URI.
+  the public key (a pending mark until then); the bundle names the key by PKCS#11 URI.
 * ``pkcs8``: development only. A software key in an encrypted PKCS#8 PEM (and PKCS#12).
 
 Each maker runs inside one worker process and uses that process's token session.
@@ -13,18 +14,22 @@ Each maker runs inside one worker process and uses that process's token session.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+import pkcs11.exceptions as p11e
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
-from pkcs11 import Attribute, ObjectClass
+from pkcs11 import Attribute, Mechanism, ObjectClass
 
 from .. import hsm
 from ..config.station import CustodyConfig
 from ..errors import InputError
+from ..hsm.capabilities import Option, keygen_need, wrap_need
+from ..hsm.errormap import translate
+from ..hsm.transport import identify as identify_transport_key
 from ..keyprofile import KeyProfile, PublicKey
 from ..layout import PKCS8_KEY, PKCS12, WRAPPED_KEY
 from ..vocabulary import Custody
@@ -50,29 +55,146 @@ class KeyMaker(Protocol):
 
 
 class WrappedKeys:
+    """Session-object key pairs wrapped under the transport key. The wrap mechanism is the
+    first the token offers of CKM_AES_KEY_WRAP_KWP (RFC 5649 by definition) and, on modules
+    known to mean RFC 5649 by it (SoftHSM2), CKM_AES_KEY_WRAP_PAD; device.json records which
+    one made the blob and how the transport key is identified (:mod:`pipeline.hsm.transport`)."""
+
     def __init__(self, token: hsm.Token, profile: KeyProfile, transport: hsm.Pkcs11Uri) -> None:
         self._token = token
         self._profile = profile
+        self._needed_by = f"custody wrapped, key profile {profile}"
+        _, wrap = token.require(
+            [
+                keygen_need(profile, self._needed_by, "generate device key pairs"),
+                wrap_need("custody wrapped"),
+            ]
+        )
+        assert wrap is not None
+        self._mechanism = wrap.mechanism
         self._kek = token.find(ObjectClass.SECRET_KEY, label=transport.object, key_id=transport.id)
+        check = identify_transport_key(token.session, self._kek, self._mechanism)
         self._reference = KeyReference(
             custody=Custody.WRAPPED,
             file=WRAPPED_KEY,
-            format="PKCS#8 PrivateKeyInfo wrapped with CKM_AES_KEY_WRAP_PAD (RFC 5649)",
+            format=_wrapped_format(wrap),
             transport_key=str(transport),
-            transport_key_check_value=hsm.check_value(self._kek),
+            transport_key_check_value=check.value,
+            transport_key_check_method=check.method,
+            wrap_mechanism=wrap.name(),
         )
+
+    @property
+    def reference(self) -> KeyReference:
+        return self._reference
 
     def make(self, registration_id: str, may_exist: bool) -> DeviceKey:
         public_obj, private_obj = self._token.generate_keypair(
-            self._profile, persistent=False, wrappable=True
+            self._profile, persistent=False, wrappable=True, needed_by=self._needed_by
         )
         try:
-            blob = self._token.wrap(self._kek, private_obj)
+            blob = self._token.wrap(self._kek, private_obj, self._mechanism, "custody wrapped")
             public = hsm.public_key_of(public_obj)
         finally:
             private_obj.destroy()
             public_obj.destroy()
         return DeviceKey(public, self._reference, {WRAPPED_KEY: blob})
+
+
+def _wrapped_format(option: Option) -> str:
+    text = f"PKCS#8 PrivateKeyInfo wrapped with RFC 5649 ({option.name()})"
+    if option.mechanism == Mechanism.AES_KEY_WRAP_PAD:
+        # SoftHSM2 pads the key data with zeros to a multiple of 8 bytes before RFC 5649.
+        text += "; the plaintext may end in zero bytes after the DER: read its length"
+    return text
+
+
+# Retain custody marks the keys it makes, so that orphan removal can prove which objects are
+# provline's: CKA_LABEL = the registration ID, and CKA_ID = PENDING_ID_PREFIX + registration
+# ID from C_GenerateKeyPair until it is replaced by the SKI once both halves exist.
+PENDING_ID_PREFIX = b"provline-pending:"
+
+
+def pending_key_id(registration_id: str) -> bytes:
+    return PENDING_ID_PREFIX + registration_id.encode()
+
+
+@dataclass(frozen=True)
+class KeyObject:
+    obj: Any
+    kind: str  # "public" | "private"
+    label: str
+    key_id: bytes
+
+
+def _key_objects(token: hsm.Token, label: str | None = None) -> list[KeyObject]:
+    found = []
+    for kind, object_class in (
+        ("public", ObjectClass.PUBLIC_KEY),
+        ("private", ObjectClass.PRIVATE_KEY),
+    ):
+        template: dict[Attribute, Any] = {Attribute.CLASS: object_class}
+        if label is not None:
+            template[Attribute.LABEL] = label
+        with translate("list key objects"):
+            objects = list(token.session.get_objects(template))
+        for obj in objects:
+            found.append(KeyObject(obj, kind, *_label_and_id(obj)))
+    return found
+
+
+def _label_and_id(obj: Any) -> tuple[str, bytes]:
+    """Label and CKA_ID; a half-written object may lack either (a crash inside
+    C_GenerateKeyPair on SoftHSM2 leaves objects whose attributes stop part-way)."""
+    values = []
+    for attribute in (Attribute.LABEL, Attribute.ID):
+        try:
+            values.append(obj[attribute])
+        except p11e.PKCS11Error:
+            values.append(None)
+    label, key_id = values
+    return (label or ""), bytes(key_id or b"")
+
+
+def _ski(item: KeyObject) -> bytes | None:
+    """The SKI of a public half's own key (what provline sets as CKA_ID), if readable."""
+    try:
+        return hsm.key_id_for(hsm.public_key_of(item.obj))
+    except Exception:  # an unreadable or unsupported public key is not provably ours
+        return None
+
+
+def _marked(item: KeyObject) -> bool:
+    """Made by provline's retain custody for this label (the label itself is checked
+    against the journal by the caller): no CKA_ID yet, the pending mark, or (a public
+    half) the SKI of its own key."""
+    if item.key_id in (b"", pending_key_id(item.label)):
+        return True
+    return item.kind == "public" and item.key_id == _ski(item)
+
+
+@dataclass
+class LabelGroup:
+    """The key objects labelled with one attempted registration ID, sorted out."""
+
+    pair: tuple[Any, Any] | None = None  # (private, public): a complete pair to reuse
+    ours: list[KeyObject] = field(default_factory=list)  # half-made: provably provline's
+    foreign: list[KeyObject] = field(default_factory=list)  # not provably ours: left alone
+
+
+def sort_label(items: list[KeyObject]) -> LabelGroup:
+    privates = [i for i in items if i.kind == "private"]
+    publics = [i for i in items if i.kind == "public"]
+    group = LabelGroup()
+    if len(privates) == 1 and len(publics) == 1:
+        public, private = publics[0], privates[0]
+        valid = {pending_key_id(public.label), _ski(public)}
+        if public.key_id in valid and private.key_id in valid:
+            group.pair = (private.obj, public.obj)
+            return group
+    for item in items:
+        (group.ours if _marked(item) else group.foreign).append(item)
+    return group
 
 
 class RetainedKeys:
@@ -83,17 +205,22 @@ class RetainedKeys:
     def __init__(self, token: hsm.Token, profile: KeyProfile) -> None:
         self._token = token
         self._profile = profile
+        self._needed_by = f"custody retain, key profile {profile}"
+        token.require([keygen_need(profile, self._needed_by, "generate device key pairs")])
 
     def _existing(self, label: str) -> tuple[Any, Any] | None:
-        halves = {
-            o.object_class: o
-            for o in self._token.session.get_objects({Attribute.LABEL: label})
-            if o.object_class in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY)
-        }
-        if len(halves) == 2:
-            return halves[ObjectClass.PRIVATE_KEY], halves[ObjectClass.PUBLIC_KEY]
-        for obj in halves.values():  # half a pair cannot be certified: start again
-            obj.destroy()
+        group = sort_label(_key_objects(self._token, label))
+        if group.pair:
+            return group.pair
+        for item in group.ours:  # half a pair cannot be certified: start again
+            with translate("destroy a half-made device key"):
+                item.obj.destroy()
+        if group.foreign:
+            raise InputError(
+                f"token {self._token.label} holds {len(group.foreign)} key object(s) labelled "
+                f"{label!r} that provline cannot prove it made; left alone",
+                rule="retain keys are labelled with a registration ID no one else uses",
+            )
         return None
 
     def make(self, registration_id: str, may_exist: bool) -> DeviceKey:
@@ -102,13 +229,18 @@ class RetainedKeys:
             private_obj, public_obj = found
         else:
             public_obj, private_obj = self._token.generate_keypair(
-                self._profile, label=registration_id, persistent=True
+                self._profile,
+                label=registration_id,
+                key_id=pending_key_id(registration_id),
+                persistent=True,
+                needed_by=self._needed_by,
             )
         public = hsm.public_key_of(public_obj)
         key_id = hsm.key_id_for(public)
-        if found is None or private_obj[Attribute.ID] != key_id:
+        if found is None or _label_and_id(private_obj)[1] != key_id:
             for obj in (public_obj, private_obj):
-                obj[Attribute.ID] = key_id
+                with translate("set CKA_ID of a device key"):
+                    obj[Attribute.ID] = key_id
         uri = hsm.Pkcs11Uri(
             token=self._token.label, object=registration_id, id=key_id, type="private"
         )
@@ -170,28 +302,61 @@ def key_maker(
     return Pkcs8Keys(profile, passphrase, config.pkcs12)
 
 
-def remove_orphans(token: hsm.Token) -> list[dict[str, str]]:
-    """Destroy what a crash inside C_GenerateKeyPair leaves behind on SoftHSM2: key halves
-    whose partner is missing and key objects with no label. The station token is provline's
-    own, so an unlabelled key object cannot be anyone else's."""
-    publics = token.objects(ObjectClass.PUBLIC_KEY)
-    privates = token.objects(ObjectClass.PRIVATE_KEY)
-    public_labels = {o.label for o in publics if o.label}
-    private_labels = {o.label for o in privates if o.label}
-    removed = []
-    for kind, other, objects, partners in (
-        ("public", "private", publics, private_labels),
-        ("private", "public", privates, public_labels),
-    ):
-        for obj in objects:
-            label = obj.label
-            if not label or label not in partners:
-                removed.append(
-                    {
-                        "object": kind,
-                        "label": label or "",
-                        "why": f"no {other} half" if label else "no label",
-                    }
-                )
-                obj.destroy()
-    return removed
+@dataclass
+class OrphanSweep:
+    """What :func:`remove_orphans` destroyed and what it saw but left alone."""
+
+    removed: list[dict[str, str]] = field(default_factory=list)
+    kept: list[dict[str, str]] = field(default_factory=list)
+
+
+KEPT_REPORTED = 100  # objects left alone that are listed one by one; the rest are counted
+
+
+def remove_orphans(token: hsm.Token, attempted: Collection[str]) -> OrphanSweep:
+    """Destroy what a crash inside C_GenerateKeyPair left of this batch's retained keys, and
+    nothing else. An object is destroyed only when provline can prove it made it and left it
+    half-made: its label is a registration ID ``attempted`` by this batch (the journal has a
+    serial for it), its CKA_ID is provline's mark (empty, the pending id, or the SKI of its
+    own public key), and it is not part of a complete pair (those are reused). Everything
+    else that looks like debris (a half pair, an unlabelled key) may belong to another
+    application on a shared token or partition: it is reported in ``kept`` and left alone."""
+    sweep = OrphanSweep()
+    kept: list[dict[str, str]] = []
+    by_label: dict[str, list[KeyObject]] = {}
+    for item in _key_objects(token):
+        by_label.setdefault(item.label, []).append(item)
+    attempted = set(attempted)
+    for label, items in sorted(by_label.items()):
+        kinds = {i.kind for i in items}
+        if not label:
+            kept += [_entry(i, "no label: cannot tell who made it") for i in items]
+        elif label in attempted:
+            group = sort_label(items)
+            for item in group.ours:
+                with translate("destroy a half-made device key"):
+                    item.obj.destroy()
+                sweep.removed.append(_entry(item, _missing_half(item, items)))
+            kept += [
+                _entry(i, "labelled like a device of this batch but not marked as provline's")
+                for i in group.foreign
+            ]
+        elif len(kinds) == 1:
+            kept += [_entry(i, f"{_missing_half(i, items)}, not made by this batch") for i in items]
+    sweep.kept = kept[:KEPT_REPORTED]
+    if len(kept) > KEPT_REPORTED:
+        sweep.kept.append(
+            {"object": "more", "label": "", "why": f"{len(kept) - KEPT_REPORTED} more left alone"}
+        )
+    return sweep
+
+
+def _entry(item: KeyObject, why: str) -> dict[str, str]:
+    return {"object": item.kind, "label": item.label, "why": why}
+
+
+def _missing_half(item: KeyObject, items: list[KeyObject]) -> str:
+    other = "private" if item.kind == "public" else "public"
+    if any(i.kind == other for i in items):
+        return "duplicate or mismatched half"
+    return f"no {other} half"

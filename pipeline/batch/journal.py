@@ -292,6 +292,11 @@ class Journal:
             "SELECT registration_id, state, detail FROM devices ORDER BY idx"
         )
 
+    def attempted_registration_ids(self) -> set[str]:
+        """Devices a serial was ever reserved for: the only ones a retained key of this batch
+        can exist for (orphan removal touches no other label)."""
+        return {rid for (rid,) in self._db.execute("SELECT DISTINCT registration_id FROM serials")}
+
     def total(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM devices").fetchone()[0])
 

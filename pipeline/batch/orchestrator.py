@@ -40,6 +40,7 @@ from ..registration.stage import RegisterOptions, Stage, run_stage
 from ..registration.target import RegistrationOutcome, load_targets
 from ..stats import StageStats
 from ..vocabulary import REGISTRATION_EVENTS, AuditEvent, Custody, DeviceState, RegistrationMode
+from .capability import require_station_capabilities
 from .custody import remove_orphans, warn_pkcs8
 from .journal import Journal
 from .plan import check_inputs
@@ -144,6 +145,7 @@ def _plan(manifest: Manifest, station: Station) -> _Context:
     chain = check_inputs(manifest, station)
     batch_dir = station.output / manifest.batch_id
     keys = open_station_keys(station)  # raises if the issuer key does not match the chain
+    require_station_capabilities(keys.token, station, manifest)  # mechanisms, room: docs/hsm.md
     if station.custody.transport_key is not None and station.custody.policy is Custody.WRAPPED:
         uri = station.custody.transport_key
         keys.token.find(ObjectClass.SECRET_KEY, label=uri.object, key_id=uri.id)
@@ -264,8 +266,11 @@ def _start_events(
                 "(listed in report.json for revocation)"
             )
     if ctx.station.custody.policy is Custody.RETAIN:
-        for removed in remove_orphans(ctx.token):
+        sweep = remove_orphans(ctx.token, journal.attempted_registration_ids())
+        for removed in sweep.removed:
             audit.append(AuditEvent.ORPHAN_REMOVED, data=removed)
+        for kept in sweep.kept:
+            audit.append(AuditEvent.ORPHAN_KEPT, data=kept)
     audit.flush()
 
 

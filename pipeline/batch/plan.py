@@ -18,6 +18,7 @@ from ..errors import InputError, ProvlineError, ValidationFailed
 from ..registration.endpoints import resolve
 from ..registration.service import enrolled_thumbprints
 from ..vocabulary import Custody, DeviceState, RegistrationMode
+from .capability import station_report
 from .journal import Journal
 
 
@@ -106,6 +107,7 @@ def dry_run(manifest: Manifest, station: Station) -> dict[str, Any]:
     """What `provline run` would do, with no side effect: the manifest against the journal
     (if the batch exists) and against DPS / IoT Hub (read-only calls)."""
     check_inputs(manifest, station)
+    hsm_report = station_report(station, manifest).to_json()  # the capability table, read-only
     batch_dir = station.output / manifest.batch_id
     states: dict[str, str] = {}
     thumbs: dict[str, str] = {}
@@ -129,6 +131,7 @@ def dry_run(manifest: Manifest, station: Station) -> dict[str, Any]:
         "journal": journal_view,
         "would_issue": sum(1 for r in devices if states.get(r, DeviceState.PLANNED) in to_issue),
         "registration": manifest.registration.value,
+        "hsm": hsm_report,
     }
     if manifest.registration is RegistrationMode.INDIVIDUAL:
         existing = enrolled_thumbprints(resolve(station.dps))

@@ -33,7 +33,9 @@ class KeyReference:
     file: str | None = None  # the private file in the bundle (wrapped, pkcs8)
     format: str | None = None
     transport_key: str | None = None  # wrapped: URI of the key that unwraps the blob
-    transport_key_check_value: str | None = None
+    transport_key_check_value: str | None = None  # hex; how it was made: the method below
+    transport_key_check_method: str | None = None  # CKA_CHECK_VALUE | wrap-check-v1
+    wrap_mechanism: str | None = None  # wrapped: the C_WrapKey mechanism, e.g. CKM_AES_KEY_WRAP_KWP
     uri: str | None = None  # retain: RFC 7512 URI of the key in the token
     pkcs12: str | None = None  # pkcs8 with pkcs12: the .pfx file
 

@@ -1,11 +1,14 @@
 """CA ceremonies: the steps an operator runs once per station (``provline ca …``).
 
-Each function checks everything it can before it creates a key, so a bad argument leaves the
-token as it was, and never overwrites a CA certificate or key file.
+Each function checks everything it can before it creates a key (arguments, files, and the
+mechanisms the token must offer), so a bad argument or an unsuitable token leaves the token as
+it was; a failure after the key exists destroys it again (``Token.undo_on_failure``). None
+overwrites a CA certificate or key file.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +18,9 @@ from pkcs11 import ObjectClass
 from .. import hsm
 from ..errors import InputError
 from ..files import write_atomic
+from ..hsm.capabilities import TRANSPORT_KEYGEN, Need, wrap_need
+from ..hsm.transport import TransportKeyCheck
+from ..hsm.transport import identify as identify_transport_key
 from ..keyprofile import KeyProfile
 from ..secret import SecretRef
 from . import builders
@@ -38,6 +44,27 @@ class Created:
 def _refuse_existing(path: Path) -> None:
     if path.exists():
         raise InputError(f"{path} already exists", rule="never overwrite a CA")
+    probe = path.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(
+            f"cannot write {path}: {probe} is not a writable directory",
+            rule="output directory writable",
+        )
+
+
+def _write(files: dict[Path, bytes]) -> None:
+    """Write the ceremony's certificates; a failure (disk full...) is one line, and inside
+    ``undo_on_failure`` it also takes the new key away again."""
+    try:
+        for path, data in files.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, data, fsync=True)
+    except OSError as exc:
+        raise InputError(
+            f"cannot write {path}: {exc.strerror or exc}", rule="output directory writable"
+        ) from exc
 
 
 def init_root(
@@ -59,21 +86,23 @@ def init_root(
     if key_file is None:
         if not token:
             raise InputError("give --token (root key in a token) or --key-file", rule="usage")
-        signer = defaults.open(token).generate_named_keypair(profile, label)
+        t = defaults.open(token)
+        with t.undo_on_failure() as created:
+            signer = t.generate_named_keypair(profile, label, created, f"root CA key ({profile})")
+            cert = builders.build_root(signer, name, days)
+            _write({cert_path: pem(cert)})
         location = str(hsm.Pkcs11Uri(token=token, object=label, type="private"))
-        cert = builders.build_root(signer, name, days)
-    else:
-        if key_file.exists():
-            raise InputError(f"{key_file} already exists", rule="never overwrite a CA key")
-        if passphrase is None:
-            raise InputError(f"{key_file} needs a passphrase source", rule="--passphrase-source")
-        secret = passphrase.read(where="--passphrase-source")
-        key = profile.generate_software_key()
-        cert = builders.build_root(key, name, days)
-        out.mkdir(parents=True, exist_ok=True)
-        save_encrypted_pkcs8(key, key_file, secret)
-        location = str(key_file.resolve())
+        return Created({"root certificate": cert_path}, location)
+    if key_file.exists():
+        raise InputError(f"{key_file} already exists", rule="never overwrite a CA key")
+    if passphrase is None:
+        raise InputError(f"{key_file} needs a passphrase source", rule="--passphrase-source")
+    secret = passphrase.read(where="--passphrase-source")
+    key = profile.generate_software_key()
+    cert = builders.build_root(key, name, days)
     out.mkdir(parents=True, exist_ok=True)
+    save_encrypted_pkcs8(key, key_file, secret)
+    location = str(key_file.resolve())
     write_atomic(cert_path, pem(cert), fsync=True)
     return Created({"root certificate": cert_path}, location)
 
@@ -100,11 +129,11 @@ def init_intermediate(
     _refuse_existing(cert_path)
     # Check the validity before creating the key, so a bad --days leaves nothing behind.
     builders.not_after_within(root, builders.utcnow(), days, "the intermediate")
-    signer = defaults.open(token).generate_named_keypair(profile, label)
-    cert = builders.build_intermediate(signer.public_key(), name, root, root_signer, days)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(cert_path, pem(cert), fsync=True)
-    write_atomic(chain_path, pem(cert) + pem(root), fsync=True)
+    t = defaults.open(token)
+    with t.undo_on_failure() as created:
+        signer = t.generate_named_keypair(profile, label, created, f"issuing CA key ({profile})")
+        cert = builders.build_intermediate(signer.public_key(), name, root, root_signer, days)
+        _write({cert_path: pem(cert), chain_path: pem(cert) + pem(root)})
     return Created(
         {"intermediate certificate": cert_path, "chain (issuer → root)": chain_path},
         str(hsm.Pkcs11Uri(token=token, object=label, type="private")),
@@ -124,13 +153,24 @@ def proof_of_possession(
     return out
 
 
-def transport_key(token: str, label: str, defaults: HsmDefaults) -> tuple[str, str]:
+def transport_key(token: str, label: str, defaults: HsmDefaults) -> tuple[str, TransportKeyCheck]:
     """The station's AES-256 transport key (wrap/unwrap only, never extractable): its URI and
-    check value."""
+    how bundles identify it (CKA_CHECK_VALUE, or the wrap check where the token has none).
+    Refuses a token that cannot generate it or wrap device keys with RFC 5649 before
+    creating anything."""
     t = defaults.open(token)
+    _, wrap = t.require(
+        [
+            Need("generate the transport key", "custody wrapped", (TRANSPORT_KEYGEN,)),
+            wrap_need("custody wrapped"),
+        ]
+    )
+    assert wrap is not None
     t.require_free_label(ObjectClass.SECRET_KEY, label)
-    key = t.generate_transport_key(label)
-    return (str(hsm.Pkcs11Uri(token=token, object=label, type="secret-key")), hsm.check_value(key))
+    with t.undo_on_failure() as created:
+        key = t.generate_transport_key(label, created)
+        check = identify_transport_key(t.session, key, wrap.mechanism)
+    return str(hsm.Pkcs11Uri(token=token, object=label, type="secret-key")), check
 
 
 def audit_key(
@@ -151,10 +191,12 @@ def audit_key(
     require_key_matches(issuer_signer, issuer, "--issuer-key")
     name = builders.parse_name(subject)
     days = min(days, max(1, (issuer.not_valid_after_utc - builders.utcnow()).days))
-    signer = defaults.open(token).generate_named_keypair(profile, label)
-    cert = builders.build_audit_signer(signer.public_key(), name, issuer, issuer_signer, days)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / AUDIT_CERT, pem(cert), fsync=True)
+    _refuse_existing(out / AUDIT_CERT)
+    t = defaults.open(token)
+    with t.undo_on_failure() as created:
+        signer = t.generate_named_keypair(profile, label, created, f"audit key ({profile})")
+        cert = builders.build_audit_signer(signer.public_key(), name, issuer, issuer_signer, days)
+        _write({out / AUDIT_CERT: pem(cert)})
     return Created(
         {"audit certificate": out / AUDIT_CERT},
         str(hsm.Pkcs11Uri(token=token, object=label, type="private")),

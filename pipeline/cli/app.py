@@ -20,7 +20,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-hsm_app = typer.Typer(help="Set up PKCS#11 tokens.", no_args_is_help=True)
+hsm_app = typer.Typer(
+    help="PKCS#11 tokens: set up a SoftHSM2 token, check what a station needs.",
+    no_args_is_help=True,
+)
 ca_app = typer.Typer(
     help="The CA hierarchy: root, intermediate, PoP, transport and audit keys.",
     no_args_is_help=True,

@@ -15,7 +15,8 @@ from ..batch.report import summary
 from ..batch.status import check_devices, status
 from ..config.manifest import load_manifest
 from ..config.station import load_station
-from ..errors import RegistrationError
+from ..errors import MechanismUnsupported, RegistrationError
+from ..hsm.capabilities import format_report
 from ..registration.device import DeviceCheck
 from ..registration.stage import RegisterOptions
 from .app import BatchIdOpt, JsonOpt, ManifestArg, StationOpt, app, emit
@@ -48,7 +49,11 @@ def plan_cmd(
     result = dry_run(load_manifest(manifest, batch_id=batch_id), load_station(station))
     if as_json:
         print(json.dumps(result, indent=2))
+        if not result["hsm"]["ok"]:
+            raise typer.Exit(MechanismUnsupported.exit_code)
         return
+    for line in format_report(result["hsm"]):
+        print(line)
     print(f"batch {result['batch_id']}: {result['devices']} devices")
     print("journal: " + "  ".join(f"{k}: {v}" for k, v in sorted(result["journal"].items())))
     print(f"would issue: {result['would_issue']}")
@@ -57,6 +62,9 @@ def plan_cmd(
         print(f"would register: {result['would_register']}")
         for rid in result["would_conflict"]:
             print(f"would conflict: {rid}")
+    if not result["hsm"]["ok"]:
+        print("would refuse: the token lacks what the batch needs (see MISSING above)")
+        raise typer.Exit(MechanismUnsupported.exit_code)
 
 
 @app.command("run")

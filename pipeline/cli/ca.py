@@ -1,4 +1,4 @@
-"""``provline hsm …`` and ``provline ca …``: token set-up and the CA ceremonies."""
+"""``provline ca …``: the CA ceremonies."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import typer
 
 from ..ca import ceremony
 from ..config.station import load_station
-from ..hsm.softhsm import init_token
 from ..keyprofile import KeyProfile
 from ..lifecycle.crl import void_crl
 from ..secret import SecretRef
@@ -27,7 +26,6 @@ from .app import (
     TokenOpt,
     ca_app,
     emit,
-    hsm_app,
     hsm_defaults,
 )
 
@@ -40,23 +38,6 @@ def _print(created: ceremony.Created, key_name: str) -> None:
     width = max(len(k) for k in rows)
     for name, value in rows.items():
         print(f"{name:<{width}}  {value}")
-
-
-@hsm_app.command("init")
-def hsm_init(
-    directory: Annotated[Path, typer.Argument(help="Directory for the SoftHSM2 config + tokens.")],
-    label: Annotated[str, typer.Option("--label", help="Token label.")],
-    pin_source: PinOpt = DEFAULT_PIN,
-    so_pin_source: Annotated[
-        str, typer.Option("--so-pin-source", help="Security-officer PIN: env:NAME or file:PATH.")
-    ] = "env:PROVLINE_SO_PIN",
-) -> None:
-    """Create a SoftHSM2 token under DIRECTORY (never the system token directory)."""
-    pin = SecretRef.parse(pin_source, where="--pin-source").read(where="--pin-source")
-    so_pin = SecretRef.parse(so_pin_source, where="--so-pin-source").read(where="--so-pin-source")
-    conf = init_token(directory, label, so_pin=so_pin, user_pin=pin)
-    print(f"token {label!r} initialised")
-    print(f"export SOFTHSM2_CONF={conf}")
 
 
 @ca_app.command("init-root")
@@ -158,12 +139,14 @@ def ca_transport_key(
     pin_source: PinOpt = DEFAULT_PIN,
     softhsm2_conf: ConfOpt = None,
 ) -> None:
-    """Create the station's AES-256 transport key (wrap/unwrap only, never extractable)."""
-    uri, check_value = ceremony.transport_key(
+    """Create the station's AES-256 transport key (wrap/unwrap only, never extractable).
+    Refused, with nothing created, on a token without an RFC 5649 wrap mechanism."""
+    uri, check = ceremony.transport_key(
         token, label, hsm_defaults(module, pin_source, softhsm2_conf)
     )
     print(f"transport key  {uri}")
-    print(f"check value    {check_value}")
+    how = f"{check.method}, {check.mechanism}" if check.mechanism else check.method
+    print(f"check value    {check.value} ({how})")
 
 
 @ca_app.command("audit-key")

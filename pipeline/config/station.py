@@ -21,6 +21,7 @@ class HsmConfig:
     token: str
     pin: SecretRef
     softhsm2_conf: str | None = None
+    max_objects: int | None = None  # objects the token holds, when it cannot say (retain)
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,10 @@ class _Reader:
     def hsm(self, doc: Mapping) -> HsmConfig:
         section = self.check.section(doc, "hsm", required=True)
         self.check.keys(
-            section, {"module", "token", "pin", "softhsm2_conf"}, {"token", "pin"}, "hsm."
+            section,
+            {"module", "token", "pin", "softhsm2_conf", "max_objects"},
+            {"token", "pin"},
+            "hsm.",
         )
         conf = self.path(section, "softhsm2_conf")
         return HsmConfig(
@@ -159,7 +163,16 @@ class _Reader:
             token=self.check.typed(section, "token", str, ""),
             pin=self.secret(section, "pin") or SecretRef("env", "PROVLINE_PIN"),
             softhsm2_conf=str(conf) if conf else None,
+            max_objects=self.max_objects(section),
         )
+
+    def max_objects(self, section: Mapping) -> int | None:
+        """hsm.max_objects: how many objects the token holds, for tokens that cannot say
+        (YubiHSM 2: 256); retain custody refuses a batch that would not fit."""
+        value: int | None = self.check.typed(section, "max_objects", int, None)
+        if value is not None and value < 1:
+            self.check.add(section.line_of("max_objects"), "hsm.max_objects must be >= 1", "schema")
+        return value
 
     def ca(self, doc: Mapping) -> CAConfig:
         section = self.check.section(doc, "ca", required=True)

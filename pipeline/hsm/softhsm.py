@@ -10,6 +10,8 @@ import os
 import pty
 import select
 import shutil
+import termios
+import time
 from pathlib import Path
 
 from ..errors import HsmError, InputError
@@ -74,6 +76,18 @@ def _token_labels(tool: str, conf: Path) -> list[str]:
     ]
 
 
+def _await_no_echo(fd: int, timeout: float = 1.0) -> None:
+    """Wait until the program has turned terminal echo off, i.e. is about to read a PIN.
+    Typing earlier is lost: the tcsetattr(TCSAFLUSH) that turns echo off discards input
+    already queued. A prompt that keeps echo on (a label) gets its answer after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not termios.tcgetattr(fd)[3] & termios.ECHO:
+            time.sleep(0.01)  # let the read begin
+            return
+        time.sleep(0.01)
+
+
 def _run_with_pins(
     argv: list[str], answers: list[str], env: dict[str, str], timeout: float = 30.0
 ) -> tuple[str, int]:
@@ -98,6 +112,7 @@ def _run_with_pins(
                 break
             output += data
             if pending and output.rstrip().endswith(b":"):
+                _await_no_echo(fd)
                 os.write(fd, pending.pop(0).encode() + b"\n")
                 output += b"\n"
     finally:

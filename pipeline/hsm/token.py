@@ -17,7 +17,9 @@ v2.40 base specification, section 5.6 "Session management", explains the login r
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from typing import Any
 
 import pkcs11
@@ -37,10 +39,14 @@ from ..errors import (
 )
 from ..keyprofile import KeyProfile, PublicKey
 from ..secret import SecretRef
-from .errormap import call
+from . import capabilities as caps_
+from .capabilities import Capabilities, Need, keygen_need, signing_need
+from .errormap import call, translate
 from .signers import HsmSigner, signer_for
 from .uri import Pkcs11Uri
 
+# Debian's SoftHSM2 path: the default for demos and tests only. A station names its module
+# (hsm.module, --module or PROVLINE_PKCS11_MODULE); nothing else assumes SoftHSM2.
 DEFAULT_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
 
@@ -98,6 +104,34 @@ class Token:
     module_path: str
     label: str
     session: Any
+    lib: Any = None
+    _caps: Capabilities | None = field(default=None, repr=False)
+
+    # -- capabilities ---------------------------------------------------------------
+    def capabilities(self) -> Capabilities:
+        """What the module and token offer, read once (no object is created)."""
+        if self._caps is None:
+            self._caps = caps_.read_capabilities(self.module_path, self.lib, self.session.token)
+        return self._caps
+
+    def require(self, needs: list[Need]) -> list[caps_.Option | None]:
+        """Refuse, naming every missing mechanism, before any side effect."""
+        return caps_.require(self.capabilities(), needs, where=f"token {self.label}")
+
+    # -- undo ---------------------------------------------------------------------------
+    @contextmanager
+    def undo_on_failure(self) -> Iterator[list[Any]]:
+        """Objects appended to the yielded list are destroyed if the block fails, so a
+        ceremony either completes or leaves the token as it found it."""
+        created: list[Any] = []
+        try:
+            yield created
+        except BaseException:
+            for obj in reversed(created):
+                # Already gone, or the token went away: nothing more can be undone here.
+                with suppress(p11e.PKCS11Error):
+                    obj.destroy()
+            raise
 
     # -- key generation -------------------------------------------------------------
     def generate_keypair(
@@ -108,6 +142,7 @@ class Token:
         key_id: bytes | None = None,
         persistent: bool = True,
         wrappable: bool = False,
+        needed_by: str = "",
     ) -> tuple[Any, Any]:
         """A signing key pair. ``persistent`` makes token objects (CKA_TOKEN); otherwise they
         are session objects that vanish with the session. ``wrappable`` keeps the private key
@@ -131,13 +166,16 @@ class Token:
             kwargs["label"] = label
         if key_id is not None:
             kwargs["id"] = key_id
+        pair: tuple[Any, Any]
         if profile.is_ec:
             private_template[Attribute.DERIVE] = False
             public_template[Attribute.EC_PARAMS] = _EC_PARAMS[profile]
-            pair: tuple[Any, Any] = call(self.session.generate_keypair, KeyType.EC, **kwargs)
+            with translate("generate a key pair", Mechanism.EC_KEY_PAIR_GEN, needed_by):
+                pair = self.session.generate_keypair(KeyType.EC, **kwargs)
             return pair
         private_template[Attribute.DECRYPT] = False
-        pair = call(self.session.generate_keypair, KeyType.RSA, 2048, **kwargs)
+        with translate("generate a key pair", Mechanism.RSA_PKCS_KEY_PAIR_GEN, needed_by):
+            pair = self.session.generate_keypair(KeyType.RSA, 2048, **kwargs)
         return pair
 
     def require_free_label(self, object_class: ObjectClass, label: str) -> None:
@@ -150,38 +188,61 @@ class Token:
                 rule="key labels are unique in a token",
             )
 
-    def generate_named_keypair(self, profile: KeyProfile, label: str) -> HsmSigner:
+    def generate_named_keypair(
+        self, profile: KeyProfile, label: str, created: list[Any], needed_by: str
+    ) -> HsmSigner:
         """A non-extractable token key pair labelled ``label`` with CKA_ID = SHA-1 of its
-        public key (the SKI), so the certificate finds its key by id. Refuses a taken label."""
+        public key (the SKI), so the certificate finds its key by id. Refuses a taken label
+        or a token that cannot generate or sign with ``profile``, before creating anything;
+        the new objects go into ``created`` (see :meth:`undo_on_failure`)."""
+        self.require(
+            [
+                keygen_need(profile, needed_by, "generate the key pair"),
+                signing_need(profile, needed_by, "sign with it"),
+            ]
+        )
         self.require_free_label(ObjectClass.PRIVATE_KEY, label)
-        public_obj, private_obj = self.generate_keypair(profile, label=label)
+        public_obj, private_obj = self.generate_keypair(profile, label=label, needed_by=needed_by)
+        created += [public_obj, private_obj]
         public = public_key_of(public_obj)
         key_id = key_id_for(public)
         for obj in (public_obj, private_obj):
             call(obj.__setitem__, Attribute.ID, key_id)
-        return signer_for(private_obj, public)
+        return signer_for(private_obj, public, self.capabilities().mechanisms(), needed_by)
 
-    def generate_transport_key(self, label: str) -> Any:
+    def generate_transport_key(self, label: str, created: list[Any]) -> Any:
         """AES-256 token key that can only wrap and unwrap; never extractable."""
-        return call(
-            self.session.generate_key,
-            KeyType.AES,
-            256,
-            label=label,
-            id=label.encode(),
-            store=True,
-            capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
-            template={
-                Attribute.SENSITIVE: True,
-                Attribute.EXTRACTABLE: False,
-                Attribute.ENCRYPT: False,
-                Attribute.DECRYPT: False,
-            },
-        )
+        with translate("generate the transport key", Mechanism.AES_KEY_GEN, "custody wrapped"):
+            key = self.session.generate_key(
+                KeyType.AES,
+                256,
+                label=label,
+                id=label.encode(),
+                store=True,
+                capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
+                template={
+                    Attribute.SENSITIVE: True,
+                    Attribute.EXTRACTABLE: False,
+                    Attribute.ENCRYPT: False,
+                    Attribute.DECRYPT: False,
+                },
+            )
+        created.append(key)
+        return key
 
-    def wrap(self, wrapping_key: Any, key: Any) -> bytes:
-        """RFC 5649 (CKM_AES_KEY_WRAP_PAD) wrap of ``key``'s PKCS#8 encoding."""
-        return bytes(call(wrapping_key.wrap_key, key, mechanism=Mechanism.AES_KEY_WRAP_PAD))
+    def wrap(self, wrapping_key: Any, key: Any, mechanism: int, needed_by: str = "") -> bytes:
+        """C_WrapKey of ``key`` (its PKCS#8 encoding) under ``wrapping_key``."""
+        with translate("wrap a device key", mechanism, needed_by):
+            return bytes(wrapping_key.wrap_key(key, mechanism=mechanism))
+
+    def count_objects(self, skip_public: bool = False) -> int:
+        """Objects this session can see (public ones and the user's private ones); other
+        users' private objects on a shared partition are not counted."""
+        with translate("list objects"):
+            objects = list(self.session.get_objects({}))
+        if skip_public:
+            return sum(1 for o in objects if o.object_class != ObjectClass.PUBLIC_KEY)
+        return len(objects)
 
     # -- lookup -----------------------------------------------------------------------
     def find(
@@ -208,11 +269,16 @@ class Token:
     def objects(self, object_class: ObjectClass) -> list[Any]:
         return list(call(self.session.get_objects, {Attribute.CLASS: object_class}))
 
-    def signer(self, *, label: str | None = None, key_id: bytes | None = None) -> HsmSigner:
-        """A cryptography private key whose ``sign`` runs in the token."""
+    def signer(
+        self, *, label: str | None = None, key_id: bytes | None = None, needed_by: str = ""
+    ) -> HsmSigner:
+        """A cryptography private key whose ``sign`` runs in the token, with the raw or
+        hashed mechanism the token offers."""
         private = self.find(ObjectClass.PRIVATE_KEY, label=label, key_id=key_id)
         public_obj = self.find(ObjectClass.PUBLIC_KEY, label=label, key_id=key_id)
-        return signer_for(private, public_key_of(public_obj))
+        return signer_for(
+            private, public_key_of(public_obj), self.capabilities().mechanisms(), needed_by
+        )
 
     def uri(
         self, *, label: str | None, key_id: bytes | None = None, type_: str = "private"
@@ -238,10 +304,15 @@ def load_module(module_path: str, softhsm2_conf: str | None = None) -> Any:
                 rule="one SoftHSM2 config per process",
             )
         os.environ["SOFTHSM2_CONF"] = softhsm2_conf
-    if not os.path.exists(module_path):
+    if "/" in module_path and not os.path.exists(module_path):
+        default = (
+            " (the SoftHSM2 default; name your HSM's module)"
+            if module_path == DEFAULT_MODULE
+            else ""
+        )
         raise ModuleLoadError(
-            f"PKCS#11 module {module_path} does not exist",
-            rule="hsm.module names a loadable PKCS#11 library",
+            f"PKCS#11 module {module_path} does not exist{default}",
+            rule="hsm.module, --module or PROVLINE_PKCS11_MODULE names a loadable PKCS#11 library",
         )
     try:
         lib = pkcs11.lib(module_path)
@@ -278,7 +349,13 @@ def open_token(
         raise HsmError(f"cannot list tokens: {type(exc).__name__}") from exc
     try:
         session = token.open(rw=True, user_pin=pin_value)
-    except (p11e.PinIncorrect, p11e.PinLenRange, p11e.PinInvalid) as exc:
+    except p11e.PinLenRange as exc:
+        raise PinError(
+            f"the PIN for token {label!r} has a length the token refuses"
+            + _pin_limits(module_path, token),
+            rule="user PIN",
+        ) from exc
+    except (p11e.PinIncorrect, p11e.PinInvalid) as exc:
         raise PinError(
             f"wrong PIN for token {label!r} (not retried: the token counts failures)",
             rule="user PIN",
@@ -289,13 +366,27 @@ def open_token(
         session = token.open(rw=True)
     except p11e.PKCS11Error as exc:
         raise HsmError(f"cannot open token {label!r}: {type(exc).__name__}") from exc
-    opened = Token(module_path=module_path, label=label, session=session)
+    opened = Token(module_path=module_path, label=label, session=session, lib=lib)
     _TOKENS[key] = opened
     return opened
 
 
+def _pin_limits(module_path: str, token: Any) -> str:
+    from .tokeninfo import token_figures
+
+    figures = token_figures(module_path, token.slot.slot_id)
+    if figures is None or figures.min_pin is None or figures.max_pin is None:
+        return ""
+    return f" (it takes {figures.min_pin} to {figures.max_pin} characters)"
+
+
 def resolve_signer(
-    uri: Pkcs11Uri, *, module_path: str, pin: SecretRef, softhsm2_conf: str | None = None
+    uri: Pkcs11Uri,
+    *,
+    module_path: str,
+    pin: SecretRef,
+    softhsm2_conf: str | None = None,
+    needed_by: str = "",
 ) -> tuple[Token, HsmSigner]:
     """The token and signer a URI names. The URI's own module-path and pin-source win."""
     if not uri.token:
@@ -305,10 +396,4 @@ def resolve_signer(
     if uri.pin_source:
         pin = SecretRef.parse(uri.pin_source)
     token = open_token(uri.module_path or module_path, uri.token, pin, softhsm2_conf)
-    return token, token.signer(label=uri.object, key_id=uri.id)
-
-
-def check_value(secret_key: Any) -> str:
-    """CKA_CHECK_VALUE (first 3 bytes of AES-ECB of a zero block, computed by the token): names
-    a transport key without revealing it, so a bundle says which key unwraps it."""
-    return bytes(call(secret_key.__getitem__, Attribute.CHECK_VALUE)).hex().upper()
+    return token, token.signer(label=uri.object, key_id=uri.id, needed_by=needed_by or str(uri))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import stat
@@ -150,6 +151,8 @@ def test_wrapped_batch_of_200(
         serials.add(cert.serial_number)
         assert info["serial"] == format(cert.serial_number, "X")
         assert info["tags"] == {"line": "A"}
+        assert info["key"]["wrap_mechanism"] == "CKM_AES_KEY_WRAP_PAD"  # SoftHSM2: RFC 5649
+        assert info["key"]["transport_key_check_method"] == "CKA_CHECK_VALUE"
         assert info["key"]["transport_key_check_value"] == hsm.check_value(
             _token(hsm_env).find(ObjectClass.SECRET_KEY, label="test-kek")
         )
@@ -417,25 +420,166 @@ def test_resume_with_a_changed_manifest_is_refused(
     assert "manifest_sha256" in info.value.line()
 
 
-def test_orphans_from_a_crashed_keygen_are_removed(
+def _import_private_only_key(token: hsm.Token, label: str) -> bytes:
+    """An EC private key imported without its public half (as an operator imports a CA key)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    key_id = f"{label}-id".encode()
+    token.session.create_object(
+        {
+            Attribute.CLASS: ObjectClass.PRIVATE_KEY,
+            Attribute.KEY_TYPE: KeyType.EC,
+            Attribute.EC_PARAMS: bytes.fromhex("06082a8648ce3d030107"),
+            Attribute.VALUE: key.private_numbers().private_value.to_bytes(32, "big"),
+            Attribute.LABEL: label,
+            Attribute.ID: key_id,
+            Attribute.TOKEN: True,
+            Attribute.PRIVATE: True,
+            Attribute.SENSITIVE: True,
+            Attribute.SIGN: True,
+        }
+    )
+    return key_id
+
+
+def _labels(token: hsm.Token, object_class: ObjectClass) -> list[tuple[str, bytes]]:
+    return sorted(
+        (o[Attribute.LABEL] or "", bytes(o[Attribute.ID] or b""))
+        for o in token.objects(object_class)
+    )
+
+
+def test_foreign_keys_survive_retain_runs_resumes_and_orphan_cleanup(
+    hsm_env: Hsm, ca_env: CA, tmp_path: Path
+) -> None:
+    """Orphan removal destroys only half-made keys provline can prove it made for devices
+    this batch attempted; imported keys, other applications' pairs, unlabelled objects and
+    keys merely labelled like a device are reported and left alone."""
+    from pipeline.batch.custody import pending_key_id
+
+    token = _token(hsm_env)
+    imported_id = _import_private_only_key(token, "fk-imported-ca")
+    token.generate_keypair(KeyProfile.EC_P256, label="fk-other-app", key_id=b"other-app")
+    token.generate_keypair(KeyProfile.RSA_2048)  # someone's unlabelled pair
+    _, lost = token.generate_keypair(KeyProfile.EC_P256, label="fk-lost-half", key_id=b"lost")
+    lost.destroy()  # someone's public-only half
+    station_path = write_station(
+        tmp_path / "s.yaml", hsm_env, ca_env, custody="retain", output=tmp_path / "out"
+    )
+    manifest = load_manifest(_manifest(tmp_path / "m.yaml", "foreign", "fk-", 6))
+    foreign_before = {
+        "private": [
+            x for x in _labels(token, ObjectClass.PRIVATE_KEY) if not x[0].startswith("fk-0")
+        ],
+        "public": [
+            x for x in _labels(token, ObjectClass.PUBLIC_KEY) if not x[0].startswith("fk-0")
+        ],
+    }
+    first = run_batch(manifest, load_station(station_path))
+    assert first.exit_code == 0 and first.report.counts == {"bundled": 6}
+
+    # What a crash leaves: (a) a device whose private half is gone (public keeps its SKI id),
+    # (b) a public-only half from inside C_GenerateKeyPair, still with the pending mark,
+    # (c) a device whose label another application's key now carries.
+    a, b, c = "fk-00002", "fk-00004", "fk-00005"
+    for rid in (a, b, c):
+        _set_state(first.batch_dir, rid, "intent")
+        shutil.rmtree(first.batch_dir / rid)  # killed before the bundle was durable
+    token.find(ObjectClass.PRIVATE_KEY, label=a).destroy()
+    for obj in token.session.get_objects({Attribute.LABEL: b}):
+        obj.destroy()
+    _, half = token.generate_keypair(KeyProfile.EC_P256, label=b, key_id=pending_key_id(b))
+    half.destroy()
+    for obj in token.session.get_objects({Attribute.LABEL: c}):
+        obj.destroy()
+    foreign_c = _import_private_only_key(token, c)
+    foreign_before["private"] = sorted([*foreign_before["private"], (c, foreign_c)])
+
+    second = run_batch(manifest, load_station(station_path))
+    events = [json.loads(line) for line in (first.batch_dir / "audit.jsonl").open()]
+    removed = [e["data"] for e in events if e["event"] == "orphan_removed"]
+    kept = [e["data"] for e in events if e["event"] == "orphan_kept"]
+    assert sorted((r["object"], r["label"], r["why"]) for r in removed) == [
+        ("public", a, "no private half"),
+        ("public", b, "no private half"),
+    ]
+    assert {
+        "object": "private",
+        "label": "fk-imported-ca",
+        "why": "no public half, not made by this batch",
+    } in kept
+    assert {
+        "object": "public",
+        "label": "fk-lost-half",
+        "why": "no private half, not made by this batch",
+    } in kept
+    assert {
+        "object": "private",
+        "label": c,
+        "why": "labelled like a device of this batch but not marked as provline's",
+    } in kept
+    assert any(k["label"] == "" and k["why"] == "no label: cannot tell who made it" for k in kept)
+    # a and b got new keys; c is refused rather than touching the other key
+    assert second.report.counts == {"bundled": 5, "failed": 1}
+    assert "cannot prove it made" in second.report.failures[0]["reason"]
+    for rid in (a, b):
+        cert = x509.load_pem_x509_certificate(
+            (first.batch_dir / rid / "device.cert.pem").read_bytes()
+        )
+        public = token.find(ObjectClass.PUBLIC_KEY, label=rid)
+        assert hsm.public_key_of(public) == cert.public_key()
+    # every foreign object is still there, byte for byte in label and id
+    assert [
+        x
+        for x in _labels(token, ObjectClass.PRIVATE_KEY)
+        if not x[0].startswith("fk-0") or x[0] == c
+    ] == foreign_before["private"]
+    assert [
+        x for x in _labels(token, ObjectClass.PUBLIC_KEY) if not x[0].startswith("fk-0")
+    ] == foreign_before["public"]
+    assert ("fk-imported-ca", imported_id) in foreign_before["private"]
+    assert (
+        provline("audit", "verify", str(first.batch_dir), "--root", str(ca_env.root)).returncode
+        == 0
+    )
+
+    # A new retain batch on the same token removes nothing at all.
+    third = run_batch(
+        load_manifest(_manifest(tmp_path / "m2.yaml", "foreign-2", "fq-", 2)),
+        load_station(station_path),
+    )
+    events = [json.loads(line) for line in (third.batch_dir / "audit.jsonl").open()]
+    assert not [e for e in events if e["event"] == "orphan_removed"]
+    assert [
+        x
+        for x in _labels(token, ObjectClass.PRIVATE_KEY)
+        if not x[0].startswith(("fk-0", "fq-")) or x[0] == c
+    ] == foreign_before["private"]
+
+
+def test_retain_batch_that_would_overfill_the_token_is_refused_before_it_starts(
     hsm_env: Hsm, ca_env: CA, tmp_path: Path
 ) -> None:
     token = _token(hsm_env)
-    _, private = token.generate_keypair(KeyProfile.EC_P256, label="orphan-half")
-    private.destroy()  # a public-only half, as a kill inside C_GenerateKeyPair leaves
-    token.generate_keypair(KeyProfile.EC_P256)  # an unlabelled pair
-    station = load_station(
-        write_station(
-            tmp_path / "s.yaml", hsm_env, ca_env, custody="retain", output=tmp_path / "out"
+    in_use = token.count_objects()
+    path = write_station(
+        tmp_path / "s.yaml", hsm_env, ca_env, custody="retain", output=tmp_path / "out"
+    )
+    path.write_text(
+        path.read_text().replace(
+            "  softhsm2_conf:", f"  max_objects: {in_use + 5}\n  softhsm2_conf:"
         )
     )
-    result = run_batch(load_manifest(_manifest(tmp_path / "m.yaml", "orphans", "or-", 3)), station)
-    events = [json.loads(line) for line in (result.batch_dir / "audit.jsonl").open()]
-    removed = [e["data"] for e in events if e["event"] == "orphan_removed"]
-    assert {"object": "public", "label": "orphan-half", "why": "no private half"} in removed
-    assert sum(1 for r in removed if r["why"] == "no label") >= 2
-    labels = [o.label for o in token.objects(ObjectClass.PUBLIC_KEY)]
-    assert "orphan-half" not in labels and all(labels)
+    manifest = _manifest(tmp_path / "m.yaml", "too-big", "tb-", 3)  # 6 objects, 5 free
+    proc = provline("run", str(manifest), "--station", str(path), env=hsm_env.env(), check=False)
+    assert proc.returncode == 34, proc.stderr
+    assert "3 devices need 6 objects but only 5 are free" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+    assert token.count_objects() == in_use
+    plan = provline("plan", str(manifest), "--station", str(path), env=hsm_env.env(), check=False)
+    assert plan.returncode == 34
+    assert "store device keys in the token" in plan.stdout and "MISSING" in plan.stdout
+    assert "would refuse" in plan.stdout
 
 
 def test_cli_run_json_and_exit_code(hsm_env: Hsm, ca_env: CA, tmp_path: Path) -> None:

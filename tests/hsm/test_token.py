@@ -76,7 +76,7 @@ def test_token_signer_works_with_every_cryptography_builder(
     hsm_env: Hsm, profile: KeyProfile
 ) -> None:
     token = _token(hsm_env)
-    signer = token.generate_named_keypair(profile, f"builder-{profile}")
+    signer = token.generate_named_keypair(profile, f"builder-{profile}", [], "test")
     public = signer.public_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hsm-signed")])
     now = dt.datetime.now(dt.UTC)
@@ -149,7 +149,7 @@ def test_wrapped_session_key_unwraps_to_the_matching_private_key(hsm_env: Hsm) -
         "SENSITIVE": True,
         "TOKEN": False,
     }
-    blob = token.wrap(kek, private_obj)
+    blob = token.wrap(kek, private_obj, Mechanism.AES_KEY_WRAP_PAD)
     pkcs8 = aes_key_unwrap_with_padding(bytes(kek[Attribute.VALUE]), blob)
     length = (
         2 + pkcs8[1]
@@ -163,7 +163,7 @@ def test_wrapped_session_key_unwraps_to_the_matching_private_key(hsm_env: Hsm) -
 def test_taken_label_and_missing_key_and_mechanism(hsm_env: Hsm, ca_env: CA) -> None:
     token = _token(hsm_env)
     with pytest.raises(InputError):
-        token.generate_named_keypair(KeyProfile.EC_P256, "intermediate")
+        token.generate_named_keypair(KeyProfile.EC_P256, "intermediate", [], "test")
     with pytest.raises(KeyNotFound) as missing:
         token.signer(label="no-such-key")
     assert missing.value.exit_code == 33
