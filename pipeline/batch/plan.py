@@ -4,6 +4,7 @@ object or file is created (README "Crash safety and resume"), and the dry run be
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import os
@@ -102,18 +103,39 @@ def _registration_problems(manifest: Manifest, station: Station) -> list[str]:
                 return [exc.line()]
     try:
         endpoints = resolve(dps)
-        if endpoints.tls_ca_file is not None:
-            load_certs(endpoints.tls_ca_file, where=f"{station.where('dps.tls_ca_file')}: dps")
     except InputError as exc:
         return [f"{where}: dps: {exc.line()}"]
     except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
         return [f"{where}: dps: cannot read the registration settings: {exc} (dps settings)"]
+    problems = []
+    if endpoints.tls_ca_file is not None:
+        try:
+            load_certs(endpoints.tls_ca_file, where=f"{station.where('dps.tls_ca_file')}: dps")
+        except InputError as exc:
+            problems.append(exc.line())
+    for key, cs in (
+        ("dps.connection_string", endpoints.service_cs),
+        ("dps.hub_connection_string", endpoints.hub_cs),
+    ):
+        if cs is not None and not _base64(cs.key):
+            problems.append(
+                f"{station.where(key)}: {key}: its SharedAccessKey is not base64 "
+                "(connection strings as the Azure portal shows them)"
+            )
     if manifest.registration is RegistrationMode.HUB and endpoints.hub_cs is None:
-        return [
+        problems.append(
             f"{where}: registration hub needs dps.hub_connection_string "
             "(registration target configured)"
-        ]
-    return []
+        )
+    return problems
+
+
+def _base64(text: str) -> bool:
+    try:
+        base64.b64decode(text, validate=True)
+    except ValueError:
+        return False
+    return True
 
 
 def _output_problem(output: Path, batch_id: str) -> str | None:

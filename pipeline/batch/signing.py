@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pkcs11 import ObjectClass
+
 from .. import hsm
 from ..ca.builders import Issuer
 from ..ca.chain import Chain, load_chain
 from ..config.station import Station
+from ..vocabulary import Custody
 
 
 @dataclass(frozen=True)
@@ -20,7 +23,8 @@ class StationKeys:
 
 def open_station_keys(station: Station) -> StationKeys:
     """The process's station token session and issuer. Raises if the issuing key does not
-    match the chain's issuer certificate."""
+    match the chain's issuer certificate; errors name the station file and line of the
+    setting (the token, the issuer key, the transport key of wrapped custody)."""
     config = station.hsm
     with station.located("hsm"):
         token = hsm.open_token(config.module, config.token, config.pin, config.softhsm2_conf)
@@ -31,6 +35,10 @@ def open_station_keys(station: Station) -> StationKeys:
             pin=config.pin,
             softhsm2_conf=config.softhsm2_conf,
         )
+    transport = station.custody.transport_key
+    if transport is not None and station.custody.policy is Custody.WRAPPED:
+        with station.located("custody.transport_key"):
+            token.find(ObjectClass.SECRET_KEY, label=transport.object, key_id=transport.id)
     chain = load_chain(station)
     return StationKeys(token, chain, Issuer(chain.issuer, issuer_key, chain.pem()))
 
