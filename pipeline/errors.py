@@ -108,20 +108,22 @@ class InputError(ProvlineError):
 
 class ValidationFailed(InputError):
     """Several input rules were broken at once; ``problems`` holds one each (raw text, escaped
-    when printed). ``omitted`` counts problems found beyond those kept."""
+    when printed). ``stopped``: there were so many that checking stopped early."""
 
-    def __init__(self, problems: list[str], omitted: int = 0) -> None:
+    def __init__(self, problems: list[str], stopped: bool = False) -> None:
         self.problems = problems
-        self.omitted = omitted
+        self.stopped = stopped
         first = problems[0] if problems else "invalid input"
-        more = len(problems) - 1 + omitted
-        super().__init__(first + (f" (+{more} more)" if more else ""))
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        super().__init__(first + more)
 
     def line(self) -> str:
         """One printable line per problem."""
         lines = [printable_line(p) for p in self.problems]
-        if self.omitted:
-            lines.append(f"... and {self.omitted} more problems not shown")
+        if self.stopped:
+            lines.append(
+                f"checking stopped after {len(self.problems):,} problems (fix these first)"
+            )
         return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from ..inputfile import KIB
 from ..keyprofile import PROFILE_NAMES, KeyProfile
 from ..secret import SecretRef
 from ..vocabulary import Custody
-from .yamlfile import Checker, Mapping, load, sorted_by_line
+from .yamlfile import Checker, Mapping, TooManyProblems, load, sorted_by_line
 
 
 @dataclass(frozen=True)
@@ -309,6 +309,13 @@ class _Reader:
 
 def load_station(path: Path) -> Station:
     """Load and check a station config; every problem is reported at once."""
+    try:
+        return _load_station(path)
+    except TooManyProblems as full:
+        raise ValidationFailed(sorted_by_line(full.problems), stopped=True) from None
+
+
+def _load_station(path: Path) -> Station:
     doc, problems = load(path, limit=MAX_STATION_BYTES, what="station config")
     check = Checker(path)
     check.extend(problems)
@@ -330,7 +337,7 @@ def load_station(path: Path) -> Station:
         lines=_lines(doc),
     )
     if check.problems:
-        raise ValidationFailed(sorted_by_line(check.problems), check.omitted)
+        raise ValidationFailed(sorted_by_line(check.problems))
     return station
 
 

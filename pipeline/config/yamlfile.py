@@ -27,7 +27,7 @@ from ..inputfile import read_input
 
 MAX_DEPTH = 24  # nested mappings and lists; a manifest needs 4 + a twin's 10
 MAX_ALIAS_VALUES = 1_000_000  # values aliases may stand for, counted expanded, per file
-MAX_PROBLEMS = 1000  # problems kept for the report; the rest are counted
+MAX_PROBLEMS = 1000  # problems reported; checking stops there
 
 _STR = "tag:yaml.org,2002:str"
 _SEQ = "tag:yaml.org,2002:seq"
@@ -340,29 +340,34 @@ def sorted_by_line(problems: list[str]) -> list[str]:
     return sorted(problems, key=line_key)
 
 
+class TooManyProblems(Exception):
+    """Raised by :class:`Checker` at its :data:`MAX_PROBLEMS`-th problem: the input is refused
+    anyway, and reading the rest of a hostile file only to count its problems is time lost."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+
+
 class Checker:
-    """Collects every problem in one file as ``file:line: [subject: ]what (rule)``; keeps the
-    first :data:`MAX_PROBLEMS` and counts the rest."""
+    """Collects every problem in one file as ``file:line: [subject: ]what (rule)``, up to
+    :data:`MAX_PROBLEMS` (then :class:`TooManyProblems` stops the check)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.problems: list[str] = []
-        self.omitted = 0
 
     def add(self, line: int, what: str, rule: str, subject: str = "") -> None:
         prefix = f"{self.path}:{line}: " + (f"{subject}: " if subject else "")
         self.append(f"{prefix}{what} ({rule})")
 
     def append(self, problem: str) -> None:
-        if len(self.problems) < MAX_PROBLEMS:
-            self.problems.append(problem)
-        else:
-            self.omitted += 1
+        self.problems.append(problem)
+        if len(self.problems) >= MAX_PROBLEMS:
+            raise TooManyProblems(self.problems)
 
-    def extend(self, problems: list[str], omitted: int = 0) -> None:
+    def extend(self, problems: list[str]) -> None:
         for problem in problems:
             self.append(problem)
-        self.omitted += omitted
 
     def __bool__(self) -> bool:
         return bool(self.problems)
