@@ -22,6 +22,67 @@ or ``code == 3`` for "any HSM problem" and still tell the causes apart.
 
 from __future__ import annotations
 
+import unicodedata
+from typing import Any
+
+# Characters that must never reach the operator's terminal raw: controls (C0, C1, DEL:
+# newlines that split one problem into two lines, escape sequences that repaint the
+# terminal), format characters (bidirectional overrides that reorder what is shown), line and
+# paragraph separators, and lone surrogates (undecodable bytes of a file name).
+_UNSAFE = frozenset(("Cc", "Cf", "Zl", "Zp", "Cs"))
+MAX_LINE = 2000  # characters of one printed problem; longer ones keep their head and tail
+
+
+def escape(text: str) -> str:
+    """``text`` with every unsafe character written as a Python escape (``\\n``,
+    ``\\x1b``, ``\\u202e``), so one problem is always one printable line."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch == " " or unicodedata.category(ch) not in _UNSAFE:
+            out.append(ch)
+        elif ord(ch) < 0x100:
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(ch, f"\\x{ord(ch):02x}"))
+        else:
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) < 0x10000 else f"\\U{ord(ch):08x}")
+    return "".join(out)
+
+
+def printable_line(text: str) -> str:
+    """One problem as it is printed: escaped, and at most :data:`MAX_LINE` characters (the
+    head, where the file and line are, and the tail, where the rule is)."""
+    line = escape(text)
+    if len(line) <= MAX_LINE:
+        return line
+    head, tail = MAX_LINE * 2 // 3, MAX_LINE // 3
+    return f"{line[:head]}…[{len(line) - head - tail} characters cut]…{line[-tail:]}"
+
+
+def shown(value: Any, limit: int = 64) -> str:
+    """A short, bounded representation of an offending value for a message: a string is
+    quoted and cut at ``limit`` characters; a list or mapping is named by its kind and size
+    (never walked: it may be an alias bomb). Escaping happens when the line is printed."""
+    if isinstance(value, str):
+        if len(value) > limit:
+            return repr(value[:limit])[:-1] + f"…' ({len(value)} characters)"
+        return repr(value)
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, int):
+        return (
+            str(value) if value.bit_length() < 200 else f"an integer of {value.bit_length()} bits"
+        )
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, dict):
+        return f"a mapping of {len(value)} keys"
+    if isinstance(value, list | tuple):
+        return f"a list of {len(value)} items"
+    if isinstance(value, bytes):
+        return f"{len(value)} bytes of binary data"
+    return f"a {type(value).__name__}"
+
 
 class ProvlineError(Exception):
     exit_code = 1
@@ -33,9 +94,10 @@ class ProvlineError(Exception):
         self.rule = rule
 
     def line(self) -> str:
+        """The problem as one printable line: ``where: what (rule)``, escaped."""
         parts = [p for p in (self.where, self.what) if p]
         text = ": ".join(parts)
-        return f"{text} ({self.rule})" if self.rule else text
+        return printable_line(f"{text} ({self.rule})" if self.rule else text)
 
 
 class InputError(ProvlineError):
@@ -45,16 +107,24 @@ class InputError(ProvlineError):
 
 
 class ValidationFailed(InputError):
-    """Several input rules were broken at once; ``problems`` holds one line each."""
+    """Several input rules were broken at once; ``problems`` holds one each (raw text, escaped
+    when printed). ``stopped``: there were so many that checking stopped early."""
 
-    def __init__(self, problems: list[str]) -> None:
+    def __init__(self, problems: list[str], stopped: bool = False) -> None:
         self.problems = problems
+        self.stopped = stopped
         first = problems[0] if problems else "invalid input"
         more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
         super().__init__(first + more)
 
     def line(self) -> str:
-        return "\n".join(f"{p}" for p in self.problems)
+        """One printable line per problem."""
+        lines = [printable_line(p) for p in self.problems]
+        if self.stopped:
+            lines.append(
+                f"checking stopped after {len(self.problems):,} problems (fix these first)"
+            )
+        return "\n".join(lines)
 
 
 class HsmError(ProvlineError):

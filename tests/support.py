@@ -564,3 +564,145 @@ def start_opencryptoki(base: Path, label: str = OCK_LABEL) -> Ock:
             ock.stop()
             raise AssertionError(f"pkcsconf {argv[-1]} failed: {out}")
     return ock
+
+
+# ----------------------------------------------------------------------- the CLI, forked
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+    maxrss_kb: int  # peak resident memory of that one process
+    timed_out: bool
+
+
+class ForkedCli:
+    """Runs provline commands, each in its own process, forked from one server process that
+    has imported the CLI once: the same entry point as ``python -m pipeline.cli`` (argv, exit
+    code, stdout, stderr, a fresh address space per command) without paying ~0.4 s of imports
+    per command. Each command may get an address-space cap (RLIMIT_AS) on top of what the
+    imports already use, and a wall-clock limit after which it is killed; the server reports
+    the command's own peak RSS (wait4)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.count = 0
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from tests.support import serve_cli; serve_cli()"],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(
+        self,
+        *args: str,
+        env: dict[str, str],
+        cwd: Path,
+        memory_mb: int | None = None,
+        timeout: float = 60,
+    ) -> CliResult:
+        self.count += 1
+        out, err = self.workdir / f"{self.count}.out", self.workdir / f"{self.count}.err"
+        request = {
+            "args": list(args),
+            "env": env,
+            "cwd": str(cwd),
+            "stdout": str(out),
+            "stderr": str(err),
+            "memory_mb": memory_mb,
+            "timeout": timeout,
+        }
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self.proc.stdout.readline())
+        return CliResult(
+            reply["code"],
+            out.read_text(errors="backslashreplace"),
+            err.read_text(errors="backslashreplace"),
+            reply["maxrss_kb"],
+            reply["timed_out"],
+        )
+
+    def close(self) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def _vm_size() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmSize in /proc/self/status")
+
+
+def serve_cli() -> None:
+    """The server side of :class:`ForkedCli`: one JSON request per line on stdin, one JSON
+    reply per line on stdout."""
+    import contextlib
+    import io
+    import resource
+    import traceback
+
+    from pipeline import cli
+
+    # One command in this process first, so what the CLI imports on first use (typer's
+    # pydantic adapters, importlib.metadata) is imported once, not in every child.
+    sys.argv = ["provline", "--version"]
+    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
+        cli.main()
+    for text in sys.stdin:
+        request = json.loads(text)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.chdir(request["cwd"])
+                os.environ.clear()
+                os.environ.update(request["env"])
+                for fd, name in ((1, "stdout"), (2, "stderr")):
+                    target = os.open(request[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                    os.dup2(target, fd)
+                    os.close(target)
+                devnull = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(devnull, 0)
+                if request["memory_mb"]:
+                    cap = _vm_size() + request["memory_mb"] * 1024 * 1024
+                    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+                sys.argv = ["provline", *request["args"]]
+                try:
+                    cli.main()
+                    code = 0
+                except SystemExit as exc:
+                    if isinstance(exc.code, int) or exc.code is None:
+                        code = exc.code or 0
+                    else:
+                        print(exc.code, file=sys.stderr)
+                except BaseException:
+                    traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        deadline = time.monotonic() + request["timeout"]
+        timed_out = False
+        while True:
+            done, status, usage = os.wait4(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                done, status, usage = os.wait4(pid, 0)
+                timed_out = True
+                break
+            time.sleep(0.002)
+        reply = {
+            "code": os.waitstatus_to_exitcode(status),
+            "maxrss_kb": usage.ru_maxrss,
+            "timed_out": timed_out,
+        }
+        print(json.dumps(reply), flush=True)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pkcs11 import ObjectClass
+
 from .. import hsm
 from ..ca.builders import Issuer
 from ..ca.chain import Chain, load_chain
 from ..config.station import Station
+from ..vocabulary import Custody
 
 
 @dataclass(frozen=True)
@@ -20,23 +23,36 @@ class StationKeys:
 
 def open_station_keys(station: Station) -> StationKeys:
     """The process's station token session and issuer. Raises if the issuing key does not
-    match the chain's issuer certificate."""
+    match the chain's issuer certificate; errors name the station file and line of the
+    setting (the token, the issuer key, the transport key of wrapped custody)."""
     config = station.hsm
-    token = hsm.open_token(config.module, config.token, config.pin, config.softhsm2_conf)
-    _, issuer_key = hsm.resolve_signer(
-        station.ca.issuer_key,
-        module_path=config.module,
-        pin=config.pin,
-        softhsm2_conf=config.softhsm2_conf,
-    )
+    with station.located("hsm"):
+        token = hsm.open_token(config.module, config.token, config.pin, config.softhsm2_conf)
+    with station.located("ca.issuer_key"):
+        _, issuer_key = hsm.resolve_signer(
+            station.ca.issuer_key,
+            module_path=config.module,
+            pin=config.pin,
+            softhsm2_conf=config.softhsm2_conf,
+        )
+    transport = station.custody.transport_key
+    if transport is not None and station.custody.policy is Custody.WRAPPED:
+        with station.located("custody.transport_key"):
+            token.find(ObjectClass.SECRET_KEY, label=transport.object, key_id=transport.id)
     chain = load_chain(station)
     return StationKeys(token, chain, Issuer(chain.issuer, issuer_key, chain.pem()))
 
 
 def open_signer(station: Station, uri: hsm.Pkcs11Uri) -> hsm.HsmSigner:
-    """Another signing key of the station (the audit key), with the station's HSM defaults."""
+    """Another signing key of the station (the audit key), with the station's HSM defaults.
+    Errors name the station file and the line of the setting that names the key."""
     config = station.hsm
-    _, signer = hsm.resolve_signer(
-        uri, module_path=config.module, pin=config.pin, softhsm2_conf=config.softhsm2_conf
-    )
+    if station.audit is not None and uri == station.audit.key:
+        key = "audit.key"
+    else:
+        key = "ca.issuer_key" if uri == station.ca.issuer_key else "hsm"
+    with station.located(key):
+        _, signer = hsm.resolve_signer(
+            uri, module_path=config.module, pin=config.pin, softhsm2_conf=config.softhsm2_conf
+        )
     return signer

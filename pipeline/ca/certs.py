@@ -13,7 +13,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from ..errors import InputError, ProvlineError
+from ..inputfile import MIB, read_input
 from ..keyprofile import PrivateKey, PublicKey
+
+MAX_CERT_FILE_BYTES = MIB  # a chain is a few KiB; a bundle of trust anchors well under 1 MiB
 
 
 @dataclass(frozen=True)
@@ -69,18 +72,14 @@ def load_cert(path: str | Path, *, where: str = "") -> x509.Certificate:
 
 
 def load_certs(path: str | Path, *, where: str = "") -> list[x509.Certificate]:
+    """The PEM certificates in ``path``, read in bounded time and memory (a directory, a
+    device such as /dev/zero or a file over :data:`MAX_CERT_FILE_BYTES` is refused)."""
+    data = read_input(path, limit=MAX_CERT_FILE_BYTES, what="certificate file", where=where)
     try:
-        data = Path(path).read_bytes()
-        certs = x509.load_pem_x509_certificates(data)
-    except FileNotFoundError as exc:
-        raise InputError(
-            f"certificate file {path} does not exist", where=where, rule="certificate paths exist"
-        ) from exc
+        return x509.load_pem_x509_certificates(data)
     except ValueError as exc:
-        raise InputError(
-            f"{path} holds no PEM certificate", where=where, rule="PEM certificates"
-        ) from exc
-    return certs
+        what = "is empty" if not data.strip() else "holds no readable PEM certificate"
+        raise InputError(f"{path} {what}", where=where, rule="PEM certificates") from exc
 
 
 def pem(cert: x509.Certificate) -> bytes:

@@ -33,9 +33,10 @@ class Chain:
 def load_chain(station: Station) -> Chain:
     """Load ``ca.chain`` and check it: each certificate is a CA issued by the next, and it ends
     at ``ca.root_cert``."""
-    where = f"{station.path}: ca.chain"
+    where = f"{station.where('ca.chain')}: ca.chain"
     certs = load_certs(str(station.ca.chain), where=where)
-    root = load_cert(str(station.ca.root_cert), where=f"{station.path}: ca.root_cert")
+    root_where = f"{station.where('ca.root_cert')}: ca.root_cert"
+    root = load_cert(str(station.ca.root_cert), where=root_where)
     for cert in certs:
         if not is_ca(cert):
             raise InputError(

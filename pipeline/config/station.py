@@ -3,16 +3,19 @@ write, how to reach DPS. Relative paths are relative to the station file."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import InputError, ValidationFailed
+from ..errors import InputError, ProvlineError, ValidationFailed, shown
 from ..hsm.token import DEFAULT_MODULE
 from ..hsm.uri import Pkcs11Uri
+from ..inputfile import KIB
 from ..keyprofile import PROFILE_NAMES, KeyProfile
 from ..secret import SecretRef
 from ..vocabulary import Custody
-from .yamlfile import Checker, Mapping, load, sorted_by_line
+from .yamlfile import Checker, Mapping, TooManyProblems, load, sorted_by_line
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,10 @@ class AuditConfig:
 DEFAULT_OPERATIONS_PER_MINUTE = 1000
 DEFAULT_CONCURRENCY = 8
 MAX_BULK_SIZE = 10
+MAX_OPERATIONS_PER_MINUTE = 1_000_000
+MAX_CONCURRENCY = 256
+
+MAX_STATION_BYTES = 256 * KIB  # a hand-edited file of a few dozen lines
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,22 @@ class Station:
     workers: int = 2
     chunk_size: int = 256
     dps: DpsConfig = field(default_factory=DpsConfig)
+    lines: dict[str, int] = field(default_factory=dict, compare=False)  # "ca.chain" -> line
+
+    def where(self, key: str) -> str:
+        """``file:line`` of a setting (``hsm.pin``), or of its section when it was defaulted."""
+        line = self.lines.get(key) or self.lines.get(key.split(".", 1)[0]) or 1
+        return f"{self.path}:{line}"
+
+    @contextmanager
+    def located(self, key: str) -> Iterator[None]:
+        """Errors raised inside (an HSM that refuses the PIN, a key that is not there) name
+        this station file and the line of ``key``."""
+        try:
+            yield
+        except ProvlineError as exc:
+            exc.where = f"{self.where(key)}: {exc.where}" if exc.where else self.where(key)
+            raise
 
 
 def default_chunk_size(policy: Custody) -> int:
@@ -124,8 +147,17 @@ class _Reader:
         self.base = path.resolve().parent
 
     def path(self, section: Mapping, key: str) -> Path | None:
-        value = self.check.typed(section, key, str, None)
-        return None if value is None else (self.base / value).resolve()
+        value: str | None = self.check.typed(section, key, str, None)
+        if value is None:
+            return None
+        if not value.strip():
+            self.check.add(section.line_of(key), f"{key!r} is empty", "paths name a file")
+            return None
+        try:
+            return (self.base / value).resolve()
+        except (OSError, RuntimeError) as exc:
+            self.check.add(section.line_of(key), f"{key!r} cannot be resolved: {exc}", "paths")
+            return None
 
     def uri(self, section: Mapping, key: str, required: bool) -> Pkcs11Uri | None:
         text = self.check.typed(section, key, str, None)
@@ -140,7 +172,7 @@ class _Reader:
             return None
 
     def secret(self, section: Mapping, key: str) -> SecretRef | None:
-        text = self.check.typed(section, key, str, None)
+        text = self.check.typed(section, key, str, None, secret=True)
         if text is None:
             return None
         try:
@@ -158,6 +190,8 @@ class _Reader:
             "hsm.",
         )
         conf = self.path(section, "softhsm2_conf")
+        if section.get("token") == "":
+            self.check.add(section.line_of("token"), "hsm.token is empty", "a token label")
         return HsmConfig(
             module=self.check.typed(section, "module", str, DEFAULT_MODULE),
             token=self.check.typed(section, "token", str, ""),
@@ -236,15 +270,20 @@ class _Reader:
             except ValueError:
                 self.check.add(
                     doc.line_of("key_profiles"),
-                    f"unknown key profile {text!r}",
+                    f"unknown key profile {shown(text)}",
                     f"one of {', '.join(PROFILE_NAMES)}",
                 )
         return tuple(profiles)
 
-    def bounded(self, doc: Mapping, key: str, default: int, low: int, high: int) -> int:
+    def bounded(
+        self, doc: Mapping, key: str, default: int, low: int, high: int, where: str = ""
+    ) -> int:
         value: int = self.check.typed(doc, key, int, default)
         if not low <= value <= high:
-            self.check.add(doc.line_of(key), f"{key} {value} is outside {low}..{high}", "schema")
+            self.check.add(
+                doc.line_of(key), f"{where}{key} {shown(value)} is outside {low}..{high}", "schema"
+            )
+            return default
         return value
 
     def dps(self, doc: Mapping) -> DpsConfig:
@@ -259,16 +298,23 @@ class _Reader:
             connection_string=self.secret(section, "connection_string"),
             hub_connection_string=self.secret(section, "hub_connection_string"),
             tls_ca_file=self.path(section, "tls_ca_file"),
-            operations_per_minute=check.typed(
-                section, "operations_per_minute", int, DEFAULT_OPERATIONS_PER_MINUTE
+            operations_per_minute=self.bounded(
+                section,
+                "operations_per_minute",
+                DEFAULT_OPERATIONS_PER_MINUTE,
+                1,
+                MAX_OPERATIONS_PER_MINUTE,
+                "dps.",
             ),
-            concurrency=check.typed(section, "concurrency", int, DEFAULT_CONCURRENCY),
+            concurrency=self.bounded(
+                section, "concurrency", DEFAULT_CONCURRENCY, 1, MAX_CONCURRENCY, "dps."
+            ),
             bulk_size=check.typed(section, "bulk_size", int, MAX_BULK_SIZE),
         )
         if not 1 <= dps.bulk_size <= MAX_BULK_SIZE:
             check.add(
                 section.line_of("bulk_size"),
-                f"dps.bulk_size {dps.bulk_size} is outside 1..{MAX_BULK_SIZE}",
+                f"dps.bulk_size {shown(dps.bulk_size)} is outside 1..{MAX_BULK_SIZE}",
                 f"DPS bulk operations take at most {MAX_BULK_SIZE} items",
             )
         return dps
@@ -276,9 +322,16 @@ class _Reader:
 
 def load_station(path: Path) -> Station:
     """Load and check a station config; every problem is reported at once."""
-    doc, problems = load(path)
+    try:
+        return _load_station(path)
+    except TooManyProblems as full:
+        raise ValidationFailed(sorted_by_line(full.problems), stopped=True) from None
+
+
+def _load_station(path: Path) -> Station:
+    doc, problems = load(path, limit=MAX_STATION_BYTES, what="station config")
     check = Checker(path)
-    check.problems += problems
+    check.extend(problems)
     read = _Reader(path, check)
     check.keys(doc, _TOP, {"station", "hsm", "ca", "custody", "output"}, "")
     custody = read.custody(doc)
@@ -294,10 +347,22 @@ def load_station(path: Path) -> Station:
         workers=read.bounded(doc, "workers", 2, 1, 64),
         chunk_size=read.bounded(doc, "chunk_size", default_chunk_size(custody.policy), 1, 10000),
         dps=read.dps(doc),
+        lines=_lines(doc),
     )
     if check.problems:
         raise ValidationFailed(sorted_by_line(check.problems))
     return station
+
+
+def _lines(doc: Mapping) -> dict[str, int]:
+    """The line of every top-level key and of every key of a section (``"hsm.pin"``), so a
+    later check can say ``station.yaml:7``."""
+    lines: dict[str, int] = {}
+    for key, value in doc.items():
+        lines[key] = doc.line_of(key)
+        if isinstance(value, Mapping):
+            lines.update({f"{key}.{sub}": value.line_of(sub) for sub in value})
+    return lines
 
 
 def station_secret_problems(station: Station) -> list[str]:
@@ -308,5 +373,7 @@ def station_secret_problems(station: Station) -> list[str]:
     problems = []
     for key, ref in needed:
         if ref is not None and (issue := ref.problem()):
-            problems.append(f"{station.path}: {key}: {issue} (secrets present in the environment)")
+            problems.append(
+                f"{station.where(key)}: {key}: {issue} (secrets present in the environment)"
+            )
     return problems

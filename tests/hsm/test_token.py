@@ -193,6 +193,7 @@ def test_hsm_failures_give_one_line_and_distinct_exit_codes(tmp_path, ca_env: CA
 
     wrong = tmp_path / "wrong-pin"
     wrong.write_text("not-the-pin\n")
+    wrong.chmod(0o600)  # a secret file others can read is refused before the token sees it
     cases = {
         "module": show("--token", h.token, "--module", "/nonexistent/libpkcs11.so"),
         "token": show("--token", "no-such-token", "--pin-source", f"file:{h.pin_file}"),
