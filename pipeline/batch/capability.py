@@ -25,10 +25,11 @@ from ..ca.certs import load_cert
 from ..ca.chain import load_chain
 from ..config.manifest import Manifest
 from ..config.station import Station
-from ..errors import ProvlineError
+from ..errors import KeyNotFound, ProvlineError
 from ..hsm.capabilities import (
     MISSING,
     NOT_AVAILABLE,
+    NOT_FOUND,
     OK,
     CapabilityReport,
     Need,
@@ -162,6 +163,8 @@ def _transport_row(station: Station, token: hsm.Token, wrap: Option | None) -> R
             f"{check.method} with {check.mechanism} (the token has no CKA_CHECK_VALUE)",
             OK,
         )
+    except KeyNotFound as exc:  # refused by the key lookup itself, with the setting's line
+        return Row(function, needed_by, str(uri), NOT_FOUND, exc.what)
     except ProvlineError as exc:
         return Row(function, needed_by, str(uri), MISSING, exc.what)
 

@@ -46,7 +46,7 @@ from .journal import Journal
 from .plan import check_inputs
 from .progress import ProgressSink, Silent
 from .report import Report, build_report, write_report
-from .signing import open_signer, open_station_keys
+from .signing import find_transport_key, open_signer, open_station_keys
 from .worker import ChunkItem, ChunkResult, IssueJob, init_worker, issue_chunk
 
 WORKER_CHUNKS = 100  # chunks a worker process issues before it is replaced
@@ -146,9 +146,7 @@ def _plan(manifest: Manifest, station: Station) -> _Context:
     batch_dir = station.output / manifest.batch_id
     keys = open_station_keys(station)  # raises if the issuer key does not match the chain
     require_station_capabilities(keys.token, station, manifest)  # mechanisms, room: docs/hsm.md
-    if station.custody.transport_key is not None and station.custody.policy is Custody.WRAPPED:
-        uri = station.custody.transport_key
-        keys.token.find(ObjectClass.SECRET_KEY, label=uri.object, key_id=uri.id)
+    find_transport_key(station, keys.token)
     audit_signer = None
     if station.audit is not None:
         audit_signer = open_signer(station, station.audit.key)

@@ -23,6 +23,7 @@ from ..registration.service import enrolled_thumbprints
 from ..vocabulary import Custody, DeviceState, RegistrationMode
 from .capability import station_report
 from .journal import Journal
+from .signing import find_transport_key, open_station_keys
 
 
 def check_inputs(manifest: Manifest, station: Station, now: dt.datetime | None = None) -> Chain:
@@ -180,7 +181,12 @@ def dry_run(manifest: Manifest, station: Station) -> dict[str, Any]:
     """What `provline run` would do, with no side effect: the manifest against the journal
     (if the batch exists) and against DPS / IoT Hub (read-only calls)."""
     check_inputs(manifest, station)
-    hsm_report = station_report(station, manifest).to_json()  # the capability table, read-only
+    # The same token, key and capability checks as `run`, read-only: the same refusals.
+    keys = open_station_keys(station)
+    report = station_report(station, manifest, keys.token)
+    if not report.missing:
+        find_transport_key(station, keys.token)
+    hsm_report = report.to_json()
     batch_dir = station.output / manifest.batch_id
     states: dict[str, str] = {}
     thumbs: dict[str, str] = {}

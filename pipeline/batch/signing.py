@@ -24,7 +24,7 @@ class StationKeys:
 def open_station_keys(station: Station) -> StationKeys:
     """The process's station token session and issuer. Raises if the issuing key does not
     match the chain's issuer certificate; errors name the station file and line of the
-    setting (the token, the issuer key, the transport key of wrapped custody)."""
+    setting (the token, the issuer key)."""
     config = station.hsm
     with station.located("hsm"):
         token = hsm.open_token(config.module, config.token, config.pin, config.softhsm2_conf)
@@ -35,12 +35,17 @@ def open_station_keys(station: Station) -> StationKeys:
             pin=config.pin,
             softhsm2_conf=config.softhsm2_conf,
         )
+    chain = load_chain(station)
+    return StationKeys(token, chain, Issuer(chain.issuer, issuer_key, chain.pem()))
+
+
+def find_transport_key(station: Station, token: hsm.Token) -> None:
+    """Wrapped custody: the transport key must be in the token (exit 33, naming the setting's
+    line). Checked after the mechanisms, so a token that cannot wrap at all says so first."""
     transport = station.custody.transport_key
     if transport is not None and station.custody.policy is Custody.WRAPPED:
         with station.located("custody.transport_key"):
             token.find(ObjectClass.SECRET_KEY, label=transport.object, key_id=transport.id)
-    chain = load_chain(station)
-    return StationKeys(token, chain, Issuer(chain.issuer, issuer_key, chain.pem()))
 
 
 def open_signer(station: Station, uri: hsm.Pkcs11Uri) -> hsm.HsmSigner:

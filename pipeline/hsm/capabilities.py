@@ -30,6 +30,7 @@ from .tokeninfo import TokenFigures
 OK = "ok"
 MISSING = "MISSING"
 NOT_AVAILABLE = "not available"  # an optional function the token cannot serve
+NOT_FOUND = "not found"  # a configured key is absent: a key problem (exit 33), not a mechanism
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,7 @@ class Row:
     function: str
     needed_by: str
     uses: str  # the chosen mechanism and how, or what was looked for
-    status: str  # OK, MISSING, NOT_AVAILABLE
+    status: str  # OK, MISSING, NOT_AVAILABLE, NOT_FOUND
     detail: str = ""
 
     @property
