@@ -292,6 +292,13 @@ class Journal:
             "SELECT registration_id, state, detail FROM devices ORDER BY idx"
         )
 
+    def inventory_rows(self) -> Iterator[tuple[str, str, str, str | None, str | None]]:
+        """(registration_id, device_id, state, serial, detail JSON) of every device, for the
+        station inventory (pipeline.lifecycle.inventory)."""
+        yield from self._db.execute(
+            "SELECT registration_id, device_id, state, serial, detail FROM devices ORDER BY idx"
+        )
+
     def total(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM devices").fetchone()[0])
 

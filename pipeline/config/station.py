@@ -67,6 +67,16 @@ class DpsConfig:
 
 
 @dataclass(frozen=True)
+class LifecycleConfig:
+    """Where the station's lifecycle state lives (docs/lifecycle.md); None: the defaults
+    under ``output`` (README "Output contract")."""
+
+    dir: Path | None = None  # lifecycle log, CRLs, renewals
+    inventory: Path | None = None  # the station inventory (SQLite)
+    crl_days: int = 7  # nextUpdate of the CRLs, days after thisUpdate
+
+
+@dataclass(frozen=True)
 class Station:
     path: Path
     name: str
@@ -79,6 +89,7 @@ class Station:
     workers: int = 2
     chunk_size: int = 256
     dps: DpsConfig = field(default_factory=DpsConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
 
 
 def default_chunk_size(policy: Custody) -> int:
@@ -99,6 +110,7 @@ _TOP = {
     "workers",
     "chunk_size",
     "dps",
+    "lifecycle",
 }
 _DPS = {
     "emulator_dir",
@@ -260,6 +272,15 @@ class _Reader:
             )
         return dps
 
+    def lifecycle(self, doc: Mapping) -> LifecycleConfig:
+        section = self.check.section(doc, "lifecycle")
+        self.check.keys(section, {"dir", "inventory", "crl_days"}, set(), "lifecycle.")
+        return LifecycleConfig(
+            dir=self.path(section, "dir"),
+            inventory=self.path(section, "inventory"),
+            crl_days=self.bounded(section, "crl_days", 7, 1, 366),
+        )
+
 
 def load_station(path: Path) -> Station:
     """Load and check a station config; every problem is reported at once."""
@@ -281,6 +302,7 @@ def load_station(path: Path) -> Station:
         workers=read.bounded(doc, "workers", 2, 1, 64),
         chunk_size=read.bounded(doc, "chunk_size", default_chunk_size(custody.policy), 1, 10000),
         dps=read.dps(doc),
+        lifecycle=read.lifecycle(doc),
     )
     if check.problems:
         raise ValidationFailed(sorted_by_line(check.problems))
