@@ -77,6 +77,7 @@ class AuditEvent(StrEnum):
     RENEWAL_VOID = "renewal_void"
     RENEWAL_ENROLLED = "renewal_enrolled"
     PROMOTED = "promoted"
+    HUB_IDENTITY_UPDATED = "hub_identity_updated"
     LIFECYCLE_STEP_FAILED = "lifecycle_step_failed"
     RECONCILE_FIXED = "reconcile_fixed"
 
