@@ -248,6 +248,22 @@ def update_detail(inventory: Inventory, op: Operation, rid: str, detail: dict[st
         )
 
 
+def resumes(station: Station, kind: str, args: dict[str, Any]) -> bool:
+    """Whether this command is the unfinished operation again (same kind and arguments): then
+    it resumes, without planning again from a state the operation already changed."""
+    path = inventory_path(station)
+    if not path.exists():
+        return False
+    inventory = Inventory.open(path)
+    try:
+        row = inventory.db.execute(
+            "SELECT kind, args FROM operations WHERE state = ?", (OPEN,)
+        ).fetchone()
+    finally:
+        inventory.close()
+    return row is not None and row[0] == kind and json.loads(row[1]) == json_args(args)
+
+
 def precheck(station: Station, kind: str, args: dict[str, Any], resume: bool) -> None:
     """Refuse, before any side effect, a command that cannot start now: another lifecycle
     operation is unfinished, or ``--resume`` with nothing to resume."""

@@ -527,27 +527,29 @@ def reconcile(
 async def _reconcile(
     station: Station, fix: bool, operations_per_minute: int | None, note: Callable[[str], None]
 ) -> ReconcileReport:
+    # With --fix the lifecycle log (and the HSM holding its key) is opened first: loading the
+    # PKCS#11 module can leave an error in OpenSSL's queue that a TLS connection opened
+    # before it would then report; connections opened after it are not affected.
+    lc = Lifecycle(station, HANDLERS) if fix else None
     inventory = Inventory.of(station, create=False)
     svc = Services(station, operations_per_minute)
     try:
         reconciler = _Reconciler(station, inventory, svc)
         report = await reconciler.run()
         fixable = [d for d in report.drift if d.fixable]
-        if fix and fixable:
-            lc = Lifecycle(station, HANDLERS)
-            try:
-                op = lc.start(KIND, {"fix": True}, [], KIND)
-                await reconciler.fix(lc, op)
-                failed = sum(1 for d in fixable if d.fixed != "fixed")
-                lc.finish(
-                    op,
-                    {"drift": len(report.drift), "fixed": len(fixable) - failed, "failed": failed},
-                )
-                report.operation = op.id
-            finally:
-                lc.close(note)
+        if lc is not None and fixable:
+            op = lc.start(KIND, {"fix": True}, [], KIND)
+            await reconciler.fix(lc, op)
+            failed = sum(1 for d in fixable if d.fixed != "fixed")
+            lc.finish(
+                op,
+                {"drift": len(report.drift), "fixed": len(fixable) - failed, "failed": failed},
+            )
+            report.operation = op.id
         report.calls, report.hub_calls = svc.calls, svc.hub_calls
         return report
     finally:
         await svc.aclose()
         inventory.close()
+        if lc is not None:
+            lc.close(note)

@@ -49,10 +49,19 @@ from . import enrollments
 from .crl import SUPERSEDED, IssuedCrl, issue_crl
 from .enrollments import Outcome, Pems
 from .inventory import CertificateRecord, Inventory, issuer_key_id, utc_now
-from .operation import Handler, Lifecycle, Operation, item, move, precheck, update_detail
+from .operation import (
+    Handler,
+    Lifecycle,
+    Operation,
+    item,
+    move,
+    precheck,
+    resumes,
+    update_detail,
+)
 from .paths import renewals_dir
 from .service import Services, chunks
-from .targets import MAX_PROBLEMS, Targets, fingerprint, resolve_targets
+from .targets import MAX_PROBLEMS, Targets, fingerprint, target_ids
 
 RENEW, PROMOTE = "renew", "promote"
 ISSUE, ENROLL, HUB, CRL, DONE, FAILED = "issue", "enroll", "hub", "crl", "done", "failed"
@@ -202,6 +211,7 @@ RENEW_HANDLERS: dict[AuditEvent, Handler] = {
     AuditEvent.RENEWED: _on_renewed,
     AuditEvent.RENEWAL_ENROLLED: _on_enrolled,
     AuditEvent.LIFECYCLE_STEP_FAILED: _on_failed,
+    AuditEvent.CRL_ISSUED: _on_crl,
 }
 PROMOTE_HANDLERS: dict[AuditEvent, Handler] = {
     AuditEvent.PROMOTED: _on_promoted,
@@ -225,11 +235,13 @@ def renew(
     plan: list[tuple[str, str, dict[str, Any]]] = []
     args: dict[str, Any] = {}
     if not resume:
-        plan = _renewal_plan(station, targets, validity_days)
-        rids = [rid for rid, _, _ in plan]
+        rids = target_ids(station, targets)
         args = {"devices": len(rids), "targets_sha256": fingerprint(rids)}
         if validity_days:
             args["validity_days"] = validity_days
+        resume = resumes(station, RENEW, args)
+        if not resume:
+            plan = _renewal_plan(station, rids, validity_days)
     precheck(station, RENEW, args, resume)
     lc = Lifecycle(station, RENEW_HANDLERS)
     try:
@@ -243,6 +255,10 @@ def renew(
             lc.set_phase(op, ENROLL)
         if lc.items(op, ENROLL):
             asyncio.run(_enroll(lc, op, operations_per_minute))
+        if op.phase in (ENROLL, CRL) and _voided(lc, op):
+            lc.set_phase(op, CRL)  # serials a kill or a failure voided go onto the CRL
+            result.crl = issue_crl(station, lc.inventory, lc.log, op.id)
+            lc.set_phase(op, DONE)
         _summarise(lc, op, result)
         result.state = lc.finish(
             op,
@@ -260,7 +276,7 @@ def renew(
 
 
 def _renewal_plan(
-    station: Station, targets: Targets, validity_days: int | None
+    station: Station, rids: list[str], validity_days: int | None
 ) -> list[tuple[str, str, dict[str, Any]]]:
     """Every device, checked before anything changes: known, not revoked, one active
     certificate, no renewal staged, a custody the station can make keys for."""
@@ -268,7 +284,7 @@ def _renewal_plan(
     plan: list[tuple[str, str, dict[str, Any]]] = []
     problems: list[str] = []
     try:
-        for rid in resolve_targets(inventory, targets):
+        for rid in rids:
             device = inventory.device(rid)
             live = inventory.certificates_of(
                 rid, (CertificateStatus.ACTIVE, CertificateStatus.STAGED)
@@ -545,9 +561,11 @@ def promote(
     plan: list[tuple[str, str, dict[str, Any]]] = []
     args: dict[str, Any] = {}
     if not resume:
-        plan = _promotion_plan(station, targets)
-        rids = [rid for rid, _, _ in plan]
+        rids = target_ids(station, targets)
         args = {"devices": len(rids), "targets_sha256": fingerprint(rids)}
+        resume = resumes(station, PROMOTE, args)
+        if not resume:
+            plan = _promotion_plan(station, rids)
     precheck(station, PROMOTE, args, resume)
     lc = Lifecycle(station, PROMOTE_HANDLERS)
     try:
@@ -575,12 +593,12 @@ def promote(
         lc.close(note)
 
 
-def _promotion_plan(station: Station, targets: Targets) -> list[tuple[str, str, dict[str, Any]]]:
+def _promotion_plan(station: Station, rids: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
     inventory = Inventory.of(station, create=False)
     plan: list[tuple[str, str, dict[str, Any]]] = []
     problems: list[str] = []
     try:
-        for rid in resolve_targets(inventory, targets):
+        for rid in rids:
             device = inventory.device(rid)
             live = inventory.certificates_of(
                 rid, (CertificateStatus.ACTIVE, CertificateStatus.STAGED)
@@ -743,7 +761,11 @@ def _summarise(lc: Lifecycle, op: Operation, result: RenewResult) -> None:
             result.enrolled += 1
         if detail.get("error"):
             result.failures.append({"registration_id": rid, "reason": detail["error"]})
-    result.voided = int(
+    result.voided = _voided(lc, op)
+
+
+def _voided(lc: Lifecycle, op: Operation) -> int:
+    return int(
         lc.inventory.db.execute(
             "SELECT COUNT(*) FROM certificates WHERE batch_id = ? AND status = ?",
             (op.id, CertificateStatus.VOID.value),

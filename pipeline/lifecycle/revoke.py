@@ -38,9 +38,9 @@ from . import enrollments
 from .crl import IssuedCrl, issue_crl
 from .enrollments import Outcome, Pems
 from .inventory import DeviceRecord, Inventory, utc_now
-from .operation import Handler, Lifecycle, Operation, move, precheck
+from .operation import Handler, Lifecycle, Operation, move, precheck, resumes
 from .service import Services, chunks
-from .targets import Targets, fingerprint, resolve_targets
+from .targets import Targets, fingerprint, target_ids
 
 KIND = "revoke"
 RECORD, CRL, DPS, HUB, DONE = "record", "crl", "dps", "hub", "done"
@@ -168,21 +168,11 @@ def revoke(
     already: list[str] = []
     args: dict[str, Any] = {}
     if not resume:
-        inventory = Inventory.of(station, create=False)
-        try:
-            rids = resolve_targets(inventory, targets)
-            for rid in rids:
-                device = inventory.device(rid)
-                if device is None:
-                    continue  # a void serial only: nothing was delivered
-                step = RECORD if not device.revoked else _first_step(device)
-                if step == DONE:
-                    already.append(rid)
-                else:
-                    plan.append((rid, step, {}))
-        finally:
-            inventory.close()
+        rids = target_ids(station, targets)
         args = {"reason": reason, "devices": len(rids), "targets_sha256": fingerprint(rids)}
+        resume = resumes(station, KIND, args)
+        if not resume:
+            plan, already = _plan(station, rids)
     precheck(station, KIND, args, resume)
     if not plan and not resume:
         return RevokeResult(None, "nothing to do", 0, already=already)
@@ -211,6 +201,28 @@ def revoke(
         return result
     finally:
         lc.close(note)
+
+
+def _plan(
+    station: Station, rids: list[str]
+) -> tuple[list[tuple[str, str, dict[str, Any]]], list[str]]:
+    """Each device's first step: record its revocation, or only finish shutting it out."""
+    plan: list[tuple[str, str, dict[str, Any]]] = []
+    already: list[str] = []
+    inventory = Inventory.of(station, create=False)
+    try:
+        for rid in rids:
+            device = inventory.device(rid)
+            if device is None:
+                continue  # a void serial only: nothing was delivered
+            step = RECORD if not device.revoked else _first_step(device)
+            if step == DONE:
+                already.append(rid)
+            else:
+                plan.append((rid, step, {}))
+    finally:
+        inventory.close()
+    return plan, already
 
 
 def _record(lc: Lifecycle, op: Operation, reason: str, result: RevokeResult) -> None:

@@ -8,6 +8,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config.station import Station
 from ..errors import InputError, ValidationFailed
 from .inventory import Inventory
 
@@ -58,6 +59,14 @@ def resolve_targets(inventory: Inventory, targets: Targets) -> list[str]:
             problems[:MAX_PROBLEMS] + ([f"... and {more} more"] if more > 0 else [])
         )
     return sorted(rids)
+
+
+def target_ids(station: Station, targets: Targets) -> list[str]:
+    inventory = Inventory.of(station, create=False)
+    try:
+        return resolve_targets(inventory, targets)
+    finally:
+        inventory.close()
 
 
 def fingerprint(rids: list[str]) -> str:

@@ -26,6 +26,8 @@ def emu(tmp_path: Path) -> Iterator[Emu]:
                 "hub_port": hub,
                 "assign_seconds": 0.1,
                 "retry_after": 1,
+                "operations_per_minute": 600000,
+                "registrations_per_minute": 600000,
             }
         )
     )
