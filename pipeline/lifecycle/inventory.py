@@ -341,7 +341,9 @@ class Inventory:
             for rid, serial in voids:
                 self.db.execute(
                     f"INSERT INTO certificates ({_CERT_COLUMNS}, updated) VALUES "
-                    "(?,?,?,?,?,?,NULL,NULL,NULL,?,?,NULL,?,?,?,?) ON CONFLICT(serial) DO NOTHING",
+                    "(?,?,?,?,?,?,NULL,NULL,NULL,?,?,NULL,?,?,?,?) ON CONFLICT(serial) DO UPDATE "
+                    "SET status = excluded.status, reason = excluded.reason, "
+                    "revoked_at = excluded.revoked_at WHERE certificates.status = 'active'",
                     (
                         serial,
                         rid,
