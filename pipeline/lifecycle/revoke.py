@@ -61,6 +61,8 @@ class RevokeResult:
     hub: dict[str, int] = field(default_factory=dict)
     failures: list[dict[str, str]] = field(default_factory=list)
     resumed: bool = False
+    dps_calls: int = 0
+    hub_calls: int = 0
 
     @property
     def exit_code(self) -> int:
@@ -186,7 +188,7 @@ def revoke(
             lc.set_phase(op, CRL)
             result.crl = issue_crl(station, lc.inventory, lc.log, op.id)
             lc.set_phase(op, SHUTOUT)
-        asyncio.run(_shut_out(lc, op, operations_per_minute))
+        asyncio.run(_shut_out(lc, op, operations_per_minute, result))
         _summarise(lc, op, result)
         result.state = lc.finish(
             op,
@@ -250,7 +252,9 @@ def _record(lc: Lifecycle, op: Operation, reason: str, result: RevokeResult) -> 
         lc.commit(op, events)
 
 
-async def _shut_out(lc: Lifecycle, op: Operation, operations_per_minute: int | None) -> None:
+async def _shut_out(
+    lc: Lifecycle, op: Operation, operations_per_minute: int | None, result: RevokeResult
+) -> None:
     dps_items = lc.items(op, DPS)
     hub_items = lc.items(op, HUB)
     if not dps_items and not hub_items:
@@ -261,6 +265,7 @@ async def _shut_out(lc: Lifecycle, op: Operation, operations_per_minute: int | N
             await _disable_in_dps(lc, op, svc, [rid for rid, _ in dps_items])
         await _disable_in_hub(lc, op, svc, lc.items(op, HUB))
     finally:
+        result.dps_calls, result.hub_calls = svc.calls, svc.hub_calls
         await svc.aclose()
 
 
