@@ -119,12 +119,24 @@ def _crl(ca_dir: Path, entries: int) -> dict[str, object]:
     inventory = Inventory.of(st)
     inventory.add_certificates(
         CertificateRecord(
-            format(random.getrandbits(159) | 1 << 150, "X"), f"crl-{n}", f"crl-{n}", "crl",
-            "bench", issuer, None, None, None, "wrapped", "ec-p256", None,
-            CertificateStatus.REVOKED, "keyCompromise", "2026-01-01T00:00:00Z",
+            format(random.getrandbits(159) | 1 << 150, "X"),
+            f"crl-{n}",
+            f"crl-{n}",
+            "crl",
+            "bench",
+            issuer,
+            None,
+            None,
+            None,
+            "wrapped",
+            "ec-p256",
+            None,
+            CertificateStatus.REVOKED,
+            "keyCompromise",
+            "2026-01-01T00:00:00Z",
         )
         for n in range(entries)
-    )  # fmt: skip
+    )
     log = StationLog(st)
     try:
         started = time.monotonic()

@@ -488,7 +488,9 @@ class _Reconciler:
         for drift, device_id, action in self.fix_hub:
             try:
                 if action == "disable":
-                    await self.svc.hub_call(partial(self.svc.hub.set_status, device_id, "disabled"))
+                    await self.svc.hub_call(
+                        partial(self.svc.hub.set_status, device_id, "disabled"), 2
+                    )
                 else:
                     await self.svc.hub_call(partial(self.svc.hub.create_ca_identity, device_id))
                 lc.commit(op, [logged(drift, device_id=device_id, how=action)])

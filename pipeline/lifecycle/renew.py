@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -384,6 +385,7 @@ def _issue(lc: Lifecycle, op: Operation, directory: Path) -> None:
         serials: dict[str, str] = {}
         for rid, detail in part:
             if detail.get("serial"):  # an intent a kill left without a durable bundle
+                shutil.rmtree(directory / rid, ignore_errors=True)  # what it may have written
                 events.append(
                     (
                         AuditEvent.RENEWAL_VOID,
@@ -455,6 +457,7 @@ def _issue_one(
         raise  # the token is unusable: stop; resume voids this chunk's intents
     except Exception as exc:  # this device failed; the others go on
         reason = f"{type(exc).__name__}: {exc}"
+        shutil.rmtree(directory / rid, ignore_errors=True)  # an undelivered, partial bundle
         events: list[tuple[AuditEvent, str | None, dict[str, Any]]] = []
         if signed:
             events.append(
@@ -721,7 +724,7 @@ async def _promote_hub(lc: Lifecycle, op: Operation, operations_per_minute: int 
                 continue
             try:
                 how = await svc.hub_call(
-                    partial(svc.hub.set_thumbprints, detail["device_id"], detail["sha1"], None)
+                    partial(svc.hub.set_thumbprints, detail["device_id"], detail["sha1"], None), 2
                 )
                 events.append(
                     (

@@ -410,7 +410,7 @@ async def _disable_in_hub(
         events: list[tuple[AuditEvent, str | None, dict[str, Any]]] = []
         for rid, device_id in job:
             try:
-                how = await svc.hub_call(partial(svc.hub.set_status, device_id, "disabled"))
+                how = await svc.hub_call(partial(svc.hub.set_status, device_id, "disabled"), 2)
                 events.append(
                     (AuditEvent.HUB_IDENTITY_DISABLED, rid, {"how": how, "device_id": device_id})
                 )

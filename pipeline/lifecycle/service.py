@@ -4,11 +4,10 @@ tenacity retries of 429, 5xx and connection errors honouring ``Retry-After``), p
 read strategies that keep a large operation near the quota-limited minimum:
 
 * current enrollments (with their etags, for ``updateIfMatchETag`` bulk writes) come from
-  one GET per device for up to :data:`QUERY_THRESHOLD` devices, and from a paged query
-  above that. A DPS holds at most 1,000,000 enrollments (Microsoft Learn, "Quotas and
-  limits"), so with pages of 1,000 a query never costs more calls than the GETs it replaces;
-* registration records likewise: GET per device, or the enrollment group's paged
-  registration query.
+  the paged enrollment query (1,000 a call) until the pages read are as many as the devices
+  still missing, and then from one GET each: never more than twice the calls of the cheaper
+  way, whatever the size of the DPS (10,000 devices of a 10,000-enrollment DPS: 10 calls);
+* registration records likewise, from the enrollment group's paged registration query.
 
 IoT Hub calls have their own bucket at the same rate (the hub's registry quota is its own).
 """
@@ -17,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any, TypeVar
 
@@ -30,7 +29,6 @@ from ..registration.service import DpsService
 from .hub import HubIdentities
 
 T = TypeVar("T")
-QUERY_THRESHOLD = 1000
 PAGE_SIZE = 1000
 CALL_DEADLINE = 300.0  # seconds one call may keep being retried
 BULK_LIMIT = 10  # DPS: at most 10 enrollments per bulk operation
@@ -73,11 +71,21 @@ class Services:
         """One paced, retried DPS call."""
         return await self._paced(fn, self.bucket, hub=False)
 
-    async def hub_call(self, fn: Callable[[], T]) -> T:
-        """One paced, retried IoT Hub call (the SDK is synchronous: run in a thread)."""
-        return await self._paced(lambda: asyncio.to_thread(fn), self.hub_bucket, hub=True)
+    async def hub_call(self, fn: Callable[[], T], requests: int = 1) -> T:
+        """A paced, retried IoT Hub step of ``requests`` registry calls (the SDK is
+        synchronous: run in a thread)."""
+        return await self._paced(
+            lambda: asyncio.to_thread(fn), self.hub_bucket, hub=True, requests=requests
+        )
 
-    async def _paced(self, fn: Callable[[], Awaitable[T]], bucket: TokenBucket, *, hub: bool) -> T:
+    async def _paced(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        bucket: TokenBucket,
+        *,
+        hub: bool,
+        requests: int = 1,
+    ) -> T:
         def count_retry(state: RetryCallState) -> None:
             self.retries += 1
 
@@ -89,16 +97,17 @@ class Services:
             before_sleep=count_retry,
         ):
             with attempt:
-                await bucket.take()
+                for _ in range(requests):
+                    await bucket.take()
                 if hub:
-                    self.hub_calls += 1
+                    self.hub_calls += requests
                 else:
                     self.calls += 1
                 return await fn()
         raise AssertionError("unreachable")
 
     # -- reading -------------------------------------------------------------------------
-    async def pages(self, path: str, page_size: int = PAGE_SIZE) -> AsyncIterator[list[Any]]:
+    async def pages(self, path: str, page_size: int = PAGE_SIZE) -> AsyncGenerator[list[Any], None]:
         """Every page of a DPS query, one paced call each."""
         body = None if path.startswith("/registrations/") else _SELECT
         continuation: str | None = None
@@ -115,19 +124,13 @@ class Services:
         where there is none."""
         wanted = set(rids)
         found: dict[str, dict[str, Any] | None] = dict.fromkeys(wanted)
-        if len(wanted) <= QUERY_THRESHOLD:
-            await self.each(
-                sorted(wanted),
-                lambda rid: self._store(
-                    found, rid, self.call(lambda: self.dps.get("enrollments", rid))
-                ),
-            )
-            return found
-        async for page in self.pages("/enrollments/query"):
-            for item in page:
-                rid = str(item.get("registrationId", "")).lower()
-                if rid in wanted:
-                    found[rid] = item
+        missing = await self._scan("/enrollments/query", wanted, found)
+        await self.each(
+            sorted(missing),
+            lambda rid: self._store(
+                found, rid, self.call(lambda: self.dps.get("enrollments", rid))
+            ),
+        )
         return found
 
     async def registrations(
@@ -136,22 +139,41 @@ class Services:
         """The registration record of each device (grouped by enrollment group id, None for
         individual enrollments); None where the device never registered."""
         found: dict[str, dict[str, Any] | None] = {}
-        singles: list[str] = []
+        missing: set[str] = set()
         for group, rids in groups.items():
             found.update(dict.fromkeys(rids))
-            if group is None or len(rids) <= QUERY_THRESHOLD:
-                singles += sorted(rids)
-                continue
-            async for page in self.pages(f"/registrations/{group}/query"):
-                for item in page:
-                    rid = str(item.get("registrationId", "")).lower()
-                    if rid in rids:
-                        found[rid] = item
+            if group is None:
+                missing |= rids
+            else:
+                missing |= await self._scan(f"/registrations/{group}/query", set(rids), found)
         await self.each(
-            singles,
+            sorted(missing),
             lambda rid: self._store(found, rid, self.call(lambda: self.dps.registration(rid))),
         )
         return found
+
+    async def _scan(
+        self, path: str, wanted: set[str], found: dict[str, dict[str, Any] | None]
+    ) -> set[str]:
+        """Page through a query collecting ``wanted``; stop as soon as the pages read are as
+        many as the ones still missing (whose one GET each is then no dearer), so reading
+        costs at most twice the cheaper of the two ways. Returns what is still missing."""
+        missing = set(wanted)
+        read = 0
+        pages = self.pages(path)
+        try:
+            async for page in pages:
+                read += 1
+                for item in page:
+                    rid = str(item.get("registrationId", "")).lower()
+                    if rid in missing:
+                        found[rid] = item
+                        missing.discard(rid)
+                if read >= len(missing):
+                    break
+        finally:
+            await pages.aclose()
+        return missing
 
     @staticmethod
     async def _store(

@@ -38,9 +38,7 @@ def station_file(
     )
 
 
-def batch(
-    tmp: Path, station: Station, batch_id: str, prefix: str, count: int, mode: str
-) -> Path:
+def batch(tmp: Path, station: Station, batch_id: str, prefix: str, count: int, mode: str) -> Path:
     path = tmp / f"{batch_id}.yaml"
     path.write_text(
         f"batch_id: {batch_id}\nregistration: {mode}\n"

@@ -89,10 +89,21 @@ def test_expiring_lists_active_certificates_soonest_first(tmp_path: Path) -> Non
     inventory = _inventory(tmp_path)
     inventory.add_certificate(
         CertificateRecord(
-            "F00D", "dev-2", "device-2", "renew-1", "station-1", ISSUER, "A" * 40, "B" * 64,
-            "2028-01-01T00:00:00+00:00", "wrapped", "ec-p256", None, CertificateStatus.STAGED,
+            "F00D",
+            "dev-2",
+            "device-2",
+            "renew-1",
+            "station-1",
+            ISSUER,
+            "A" * 40,
+            "B" * 64,
+            "2028-01-01T00:00:00+00:00",
+            "wrapped",
+            "ec-p256",
+            None,
+            CertificateStatus.STAGED,
         )
-    )  # fmt: skip
+    )
     rows = inventory.expiring("2027-01-03T12:00:00+00:00")
     assert [(c.registration_id, staged) for c, staged in rows] == [
         ("dev-1", False),  # 2027-01-02

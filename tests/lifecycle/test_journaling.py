@@ -74,7 +74,11 @@ def test_revocation_events_applied_twice_change_nothing(tmp_path: Path) -> None:
     step, detail = item(inventory, op, "d-1")  # type: ignore[misc]
     assert step == revoke.DONE and detail["serials"] == [{"serial": "0A", "issuer": ISSUER}]
     device = inventory.device("d-1")
-    assert device is not None and device.revoked and (device.dps, device.hub) == ("disabled", "disabled")
+    assert (
+        device is not None
+        and device.revoked
+        and (device.dps, device.hub) == ("disabled", "disabled")
+    )
     assert device.hub_device_id == "hub-d-1"
 
 

@@ -59,9 +59,11 @@ def test_reconcile_finds_and_fixes_drift(
     keys = open_station_keys(station)
     rogue_key = ec.generate_private_key(ec.SECP256R1())
     rogue = {
-        rid: build_leaf(rogue_key.public_key(), rid, keys.issuer, serial=random_serial(), validity_days=5)
+        rid: build_leaf(
+            rogue_key.public_key(), rid, keys.issuer, serial=random_serial(), validity_days=5
+        )
         for rid in ("rogue-01", "rg-rogue")
-    }  # fmt: skip
+    }
     with emu.service() as svc:
         # 1. a revoked device's enrollment enabled again
         current = svc.get("/enrollments/rc-0002").json()
@@ -72,12 +74,19 @@ def test_reconcile_finds_and_fixes_drift(
                 "type": "x509",
                 "x509": {
                     "clientCertificates": {
-                        "primary": {"certificate": (ind / "rc-0002" / "device.cert.pem").read_text()}
+                        "primary": {
+                            "certificate": (ind / "rc-0002" / "device.cert.pem").read_text()
+                        }
                     }
                 },
             },
         }
-        assert svc.put("/enrollments/rc-0002", json=body, headers={"If-Match": current["etag"]}).status_code == 200
+        assert (
+            svc.put(
+                "/enrollments/rc-0002", json=body, headers={"If-Match": current["etag"]}
+            ).status_code
+            == 200
+        )
         # 2. the disabled enrollment that blocks a revoked group device deleted
         assert svc.delete("/enrollments/rg-0002", headers={"If-Match": "*"}).status_code == 204
         # 3. an enrollment whose certificate no inventory entry issued (names provline's CA)
@@ -85,7 +94,11 @@ def test_reconcile_finds_and_fixes_drift(
             "registrationId": "rogue-01",
             "attestation": {
                 "type": "x509",
-                "x509": {"clientCertificates": {"primary": {"certificate": pem(rogue["rogue-01"]).decode()}}},
+                "x509": {
+                    "clientCertificates": {
+                        "primary": {"certificate": pem(rogue["rogue-01"]).decode()}
+                    }
+                },
             },
         }
         assert svc.put("/enrollments/rogue-01", json=rogue_body).status_code == 200
@@ -94,7 +107,12 @@ def test_reconcile_finds_and_fixes_drift(
         current = svc.get("/enrollments/rc-0004").json()
         swapped = {**body, "registrationId": "rc-0004"}
         swapped["attestation"]["x509"]["clientCertificates"]["primary"]["certificate"] = other
-        assert svc.put("/enrollments/rc-0004", json=swapped, headers={"If-Match": current["etag"]}).status_code == 200
+        assert (
+            svc.put(
+                "/enrollments/rc-0004", json=swapped, headers={"If-Match": current["etag"]}
+            ).status_code
+            == 200
+        )
         # 5. provline's enrollment of a live device deleted
         assert svc.delete("/enrollments/rc-0001", headers={"If-Match": "*"}).status_code == 204
     # 6. a revoked device's IoT Hub identity enabled again
@@ -102,7 +120,9 @@ def test_reconcile_finds_and_fixes_drift(
     with hub:
         identity = hub.get("/devices/rc-0003").json()
         identity["status"] = "enabled"
-        assert hub.put("/devices/rc-0003", json=identity, headers={"If-Match": "*"}).status_code == 200
+        assert (
+            hub.put("/devices/rc-0003", json=identity, headers={"If-Match": "*"}).status_code == 200
+        )
         # 7. a hub-mode device's identity deleted
         assert hub.delete("/devices/rh-0001", headers={"If-Match": "*"}).status_code == 204
     # 8. a device registered through provline's group with a certificate it did not issue
@@ -143,14 +163,16 @@ def test_reconcile_finds_and_fixes_drift(
     assert proc.stdout, proc.stderr
     fixed = json.loads(proc.stdout)
     assert proc.returncode == 5  # the report-only drift remains
-    assert {(d["kind"], d.get("registration_id")) for d in fixed["drift"] if d.get("fixed") == "fixed"} == {
+    assert {
+        (d["kind"], d.get("registration_id")) for d in fixed["drift"] if d.get("fixed") == "fixed"
+    } == {
         ("revoked_enabled", "rc-0002"),
         ("revoked_enabled", "rg-0002"),
         ("revoked_enabled", "rc-0003"),
         ("thumbprint_mismatch", "rc-0004"),
         ("missing_from_dps", "rc-0001"),
         ("missing_from_hub", "rh-0001"),
-    }  # fmt: skip
+    }
     assert enrollment(emu, "rc-0002")["provisioningStatus"] == "disabled"
     assert enrollment(emu, "rg-0002")["provisioningStatus"] == "disabled"
     assert register(station, grp / "rg-0002")[0] == "disabled"

@@ -57,8 +57,17 @@ def test_renew_and_promote_individual_and_group(
         "0 certificates expire within 30d\n"
     )
 
-    proc = provline("renew", "--device", "rind-0001", "--device", "rgrp-0001",
-                    "--station", str(path), "--json", env=env)  # fmt: skip
+    proc = provline(
+        "renew",
+        "--device",
+        "rind-0001",
+        "--device",
+        "rgrp-0001",
+        "--station",
+        str(path),
+        "--json",
+        env=env,
+    )
     result = json.loads(proc.stdout)
     assert result["issued"] == 2 and result["enrolled"] == 1 and result["exit_code"] == 0
     renewed = Path(result["directory"])
@@ -87,15 +96,25 @@ def test_renew_and_promote_individual_and_group(
         status, hub, device_id = register(station, old[rid])
         assert status == "assigned", (rid, status)
     identity = hub_identity(emu, "rind-0001")
-    assert identity is not None and identity["authentication"]["x509Thumbprint"][
-        "secondaryThumbprint"
-    ]
+    assert (
+        identity is not None and identity["authentication"]["x509Thumbprint"]["secondaryThumbprint"]
+    )
     # renewing again before promoting is refused, with no side effect
     proc = provline("renew", "--device", "rind-0001", "--station", str(path), env=env, check=False)
     assert proc.returncode == 2 and "promote it first" in proc.stderr
 
-    proc = provline("renew", "--promote", "--device", "rind-0001", "--device", "rgrp-0001",
-                    "--station", str(path), "--json", env=env)  # fmt: skip
+    proc = provline(
+        "renew",
+        "--promote",
+        "--device",
+        "rind-0001",
+        "--device",
+        "rgrp-0001",
+        "--station",
+        str(path),
+        "--json",
+        env=env,
+    )
     result = json.loads(proc.stdout)
     assert result["enrolled"] == 2 and result["exit_code"] == 0
     slots = enrollment(emu, "rind-0001")["attestation"]["x509"]["clientCertificates"]
@@ -125,8 +144,15 @@ def test_renew_and_promote_individual_and_group(
         assert not crl_rejects(ca_env.chain, crl_file, new[rid] / DEVICE_CERT)[0]
     found = json.loads(provline("find", "rgrp-0001", "--station", str(path), "--json").stdout)
     assert sorted(f["certificate"]["status"] for f in found) == ["active", "retired"]
-    proc = provline("audit", "verify", str(lifecycle_dir(station)), "--root", str(ca_env.root),
-                    "--json", env=env)  # fmt: skip
+    proc = provline(
+        "audit",
+        "verify",
+        str(lifecycle_dir(station)),
+        "--root",
+        str(ca_env.root),
+        "--json",
+        env=env,
+    )
     summary = json.loads(proc.stdout)
     assert summary["renewals"] == {"issued": 2, "void": 0} and summary["promoted"] == 2
     assert summary["files_checked"] == 2 * 4  # leaf, full chain, key, device.json
@@ -139,8 +165,9 @@ def test_renew_of_a_retained_key_signs_with_a_new_token_key(
     station = load(path)
     grp = batch(tmp_path, station, "keep", "keep-", 2, "group")
     result = json.loads(
-        provline("renew", "--batch", "keep", "--station", str(path), "--json",
-                 env=hsm_env.env()).stdout  # fmt: skip
+        provline(
+            "renew", "--batch", "keep", "--station", str(path), "--json", env=hsm_env.env()
+        ).stdout
     )
     assert result["issued"] == 2 and result["enrolled"] == 0
     for rid in ("keep-0001", "keep-0002"):

@@ -128,7 +128,9 @@ def test_kill_during_a_2000_device_renewal(
     assert len(voids) == result["voided"]
     if voids:  # serials that may have been signed but never delivered are revoked
         [crl_file] = (life / "crl").glob("*.crl.pem")
-        listed = {format(r.serial_number, "X") for r in x509.load_pem_x509_crl(crl_file.read_bytes())}
+        listed = {
+            format(r.serial_number, "X") for r in x509.load_pem_x509_crl(crl_file.read_bytes())
+        }
         assert voids <= listed
     enrolled = {e["registrationId"]: e for e in _enrollments(emu)}
     for rid, data in renewed.items():

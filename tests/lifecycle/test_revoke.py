@@ -75,8 +75,16 @@ def test_revoke_individual_group_and_batch(
     assert register(station, ind / "ind-0002")[0] == "assigned"  # its neighbours still work
 
     # one device of the group batch: a disabled individual enrollment blocks it
-    provline("revoke", "--device", "grp-0001", "--reason", "cessationOfOperation",
-             "--station", str(path), env=env)  # fmt: skip
+    provline(
+        "revoke",
+        "--device",
+        "grp-0001",
+        "--reason",
+        "cessationOfOperation",
+        "--station",
+        str(path),
+        env=env,
+    )
     blocking = enrollment(emu, "grp-0001")
     assert blocking is not None and blocking["provisioningStatus"] == "disabled"
     client = blocking["attestation"]["x509"]["clientCertificates"]["primary"]["info"]
@@ -88,8 +96,17 @@ def test_revoke_individual_group_and_batch(
     assert telemetry(station, grp / "grp-0002", *seen["grp-0002"]) == 204
 
     # a whole batch; the device already revoked is not revoked twice
-    proc = provline("revoke", "--batch", "ind", "--reason", "affiliationChanged",
-                    "--station", str(path), "--json", env=env)  # fmt: skip
+    proc = provline(
+        "revoke",
+        "--batch",
+        "ind",
+        "--reason",
+        "affiliationChanged",
+        "--station",
+        str(path),
+        "--json",
+        env=env,
+    )
     result = json.loads(proc.stdout)
     assert result["devices"] == 3 and result["already"] == ["ind-0001"]
     for n in range(1, 5):
@@ -109,8 +126,9 @@ def test_revoke_individual_group_and_batch(
         (crl.next_update_utc - crl.last_update_utc).days == 3
     )
     reasons = {
-        format(r.serial_number, "X"): r.extensions.get_extension_for_class(x509.CRLReason)
-        .value.reason.name
+        format(r.serial_number, "X"): r.extensions.get_extension_for_class(
+            x509.CRLReason
+        ).value.reason.name
         for r in crl
     }
     serial = json.loads((ind / "ind-0001" / "device.json").read_text())["serial"]
@@ -140,6 +158,6 @@ def test_revoke_individual_group_and_batch(
     sha1 = json.loads((ind / "ind-0001" / "device.json").read_text())["sha1_thumbprint"]
     for query in (serial, sha1.lower()):
         found = json.loads(provline("find", query, "--station", str(path), "--json").stdout)
-        assert [(f["certificate"]["registration_id"], f["certificate"]["status"]) for f in found] == [
-            ("ind-0001", "revoked")
-        ]
+        assert [
+            (f["certificate"]["registration_id"], f["certificate"]["status"]) for f in found
+        ] == [("ind-0001", "revoked")]
