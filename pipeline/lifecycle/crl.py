@@ -127,11 +127,12 @@ class IssuedCrl:
 def issue_crl(
     station: Station,
     inventory: Inventory,
-    log: StationLog,
+    log: StationLog | None,
     operation: str | None = None,
     days: int | None = None,
 ) -> IssuedCrl:
-    """Sign and publish the cumulative CRL of the station's issuing CA, and log it."""
+    """Sign and publish the cumulative CRL of the station's issuing CA, and log it (``log``
+    None: a station without an audit key, ``provline ca crl`` only)."""
     chain = load_chain(station)
     issuer = chain.issuer
     key_id = issuer_key_id(issuer)
@@ -174,7 +175,8 @@ def issue_crl(
     }
     if operation:
         data["op"] = operation
-    log.write([(AuditEvent.CRL_ISSUED, None, data)])
+    if log is not None:
+        log.write([(AuditEvent.CRL_ISSUED, None, data)])
     with inventory.tx():
         inventory.record_crl(
             key_id,
@@ -201,6 +203,9 @@ def publish_crl(
     try:
         for batch_dir in batch_dirs:
             sync_batch(station, batch_dir, inventory)
+        if station.audit is None:  # CRLs still work; there is no signed log to record them in
+            note("the station has no audit key: the CRL is not recorded in a lifecycle log")
+            return _copy(issue_crl(station, inventory, None, days=days), out)
         log = StationLog(station)
         try:
             issued = issue_crl(station, inventory, log, days=days)
@@ -208,10 +213,15 @@ def publish_crl(
             log.close(note)
     finally:
         inventory.close()
+    return _copy(issued, out)
+
+
+def _copy(issued: IssuedCrl, out: Path | None) -> IssuedCrl:
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(issued.path, out.with_name(f".{out.name}.tmp"))
-        out.with_name(f".{out.name}.tmp").replace(out)
+        temp = out.with_name(f".{out.name}.tmp")
+        shutil.copyfile(issued.path, temp)
+        temp.replace(out)
     return issued
 
 

@@ -86,7 +86,7 @@ def rebuild(
         note(f"inventory rebuilt from {len(batches)} verified batches")
         return {
             "inventory": str(target),
-            "batches": [b.name for b in batches],
+            "verified_batches": [b.name for b in batches],
             "lifecycle_events_replayed": replayed,
             **counts,
         }

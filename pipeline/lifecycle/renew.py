@@ -61,7 +61,7 @@ from .operation import (
     update_detail,
 )
 from .paths import renewals_dir
-from .service import Services, chunks
+from .service import Services, chunks, require_endpoints
 from .targets import MAX_PROBLEMS, Targets, fingerprint, target_ids
 
 RENEW, PROMOTE = "renew", "promote"
@@ -244,6 +244,8 @@ def renew(
         if not resume:
             plan = _renewal_plan(station, rids, validity_days)
     precheck(station, RENEW, args, resume)
+    if resume or any(d.get("mode") == RegistrationMode.INDIVIDUAL for _, _, d in plan):
+        require_endpoints(station)
     lc = Lifecycle(station, RENEW_HANDLERS)
     try:
         op = lc.start(RENEW, args, plan, ISSUE, resume=resume)
@@ -311,6 +313,7 @@ def _renewal_plan(
                             "profile": old.key_profile,
                             "validity_days": validity_days or _validity_days(old),
                             "batch": old.batch_id,
+                            "mode": device.mode.value,
                         },
                     )
                 )
@@ -570,6 +573,8 @@ def promote(
         if not resume:
             plan = _promotion_plan(station, rids)
     precheck(station, PROMOTE, args, resume)
+    if resume or any(d.get("mode") == RegistrationMode.INDIVIDUAL for _, _, d in plan):
+        require_endpoints(station)
     lc = Lifecycle(station, PROMOTE_HANDLERS)
     try:
         op = lc.start(PROMOTE, args, plan, PROMOTE, resume=resume)

@@ -39,7 +39,7 @@ from .crl import IssuedCrl, issue_crl
 from .enrollments import Outcome, Pems
 from .inventory import DeviceRecord, Inventory, utc_now
 from .operation import Handler, Lifecycle, Operation, move, precheck, resumes
-from .service import Services, chunks
+from .service import Services, chunks, require_endpoints
 from .targets import Targets, fingerprint, target_ids
 
 KIND = "revoke"
@@ -178,6 +178,8 @@ def revoke(
     precheck(station, KIND, args, resume)
     if not plan and not resume:
         return RevokeResult(None, "nothing to do", 0, already=already)
+    if resume or any(detail.get("registers") for _, _, detail in plan):
+        require_endpoints(station)
     lc = Lifecycle(station, HANDLERS)
     try:
         op = lc.start(KIND, args, plan, RECORD, resume=resume)
@@ -221,7 +223,8 @@ def _plan(
             if step == DONE:
                 already.append(rid)
             else:
-                plan.append((rid, step, {}))
+                registers = device.mode is not RegistrationMode.NONE
+                plan.append((rid, step, {"registers": True} if registers else {}))
     finally:
         inventory.close()
     return plan, already

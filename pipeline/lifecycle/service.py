@@ -199,6 +199,12 @@ class Services:
 _SELECT = {"query": "SELECT *"}
 
 
+def require_endpoints(station: Station) -> None:
+    """Raise, before any side effect, when DPS / IoT Hub cannot be reached from the station's
+    settings (no endpoint, no connection string, emulator not started)."""
+    resolve(station.dps)
+
+
 def chunks(items: list[T], size: int = BULK_LIMIT) -> list[list[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 

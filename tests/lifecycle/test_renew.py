@@ -158,6 +158,56 @@ def test_renew_and_promote_individual_and_group(
     assert summary["files_checked"] == 2 * 4  # leaf, full chain, key, device.json
 
 
+def test_rebuild_makes_the_same_inventory_from_signed_material(
+    hsm_env: Hsm, ca_env: CA, emu: Emu, tmp_path: Path, passphrase: str
+) -> None:
+    path = station_file(tmp_path, hsm_env, ca_env, emu)
+    station = load(path)
+    ind = batch(tmp_path, station, "rb", "rb-", 3, "individual")
+    batch(tmp_path, station, "rbg", "rbg-", 2, "group")
+    env = {**hsm_env.env(), "PROVLINE_TEST_PASSPHRASE": passphrase}
+    provline(
+        "revoke",
+        "--device",
+        "rb-0001",
+        "--reason",
+        "keyCompromise",
+        "--station",
+        str(path),
+        env=env,
+    )
+    provline(
+        "renew", "--device", "rb-0002", "--device", "rbg-0001", "--station", str(path), env=env
+    )
+    provline("renew", "--promote", "--device", "rbg-0001", "--station", str(path), env=env)
+
+    def state() -> tuple[dict[str, object], dict[str, object]]:
+        shown = json.loads(
+            provline("inventory", "show", "--station", str(path), "--json", env=env).stdout
+        )
+        found = {
+            rid: json.loads(provline("find", rid, "--station", str(path), "--json").stdout)
+            for rid in ("rb-0001", "rb-0002", "rb-0003", "rbg-0001", "rbg-0002")
+        }
+        return shown, found
+
+    before = state()
+    inventory = lifecycle_dir(station) / "inventory.sqlite"
+    for name in ("inventory.sqlite", "inventory.sqlite-wal", "inventory.sqlite-shm"):
+        (lifecycle_dir(station) / name).unlink(missing_ok=True)
+    rebuilt = json.loads(
+        provline("inventory", "rebuild", "--station", str(path), "--json", env=env).stdout
+    )
+    assert sorted(rebuilt["verified_batches"]) == ["rb", "rbg"] and rebuilt["lifecycle_events_replayed"] > 0
+    assert state() == before
+    # a changed bundle file: nothing verifies, nothing is replaced
+    stamp = inventory.stat().st_mtime_ns
+    (ind / "rb-0003" / DEVICE_CERT).write_bytes((ind / "rb-0002" / DEVICE_CERT).read_bytes())
+    proc = provline("inventory", "rebuild", "--station", str(path), env=env, check=False)
+    assert proc.returncode == 6 and "differs from the hash the log recorded" in proc.stderr
+    assert inventory.stat().st_mtime_ns == stamp and state() == before
+
+
 def test_renew_of_a_retained_key_signs_with_a_new_token_key(
     hsm_env: Hsm, ca_env: CA, emu: Emu, tmp_path: Path
 ) -> None:

@@ -53,6 +53,18 @@ def test_revoke_individual_group_and_batch(
     assert found[0]["certificate"]["batch_id"] == "ind"
     assert found[0]["device"]["mode"] == "individual"
 
+    # bad input: one line each, exit 2, nothing written
+    life = lifecycle_dir(station)
+    for args, why in (
+        (["--device", "nobody-01", "--device", "ind-0002"], "nobody-01: not in the station"),
+        (["--device", "ind-0001", "--reason", "certificateHold"], "RFC 5280"),
+        ([], "name the devices"),
+    ):
+        proc = provline("revoke", *args, "--station", str(path), env=env, check=False)
+        assert proc.returncode == 2 and why in proc.stderr and "Traceback" not in proc.stderr
+    assert not (life / AUDIT_LOG).exists()
+    assert enrollment(emu, "ind-0002")["provisioningStatus"] == "enabled"
+
     # one device of the individual batch
     proc = provline(
         "revoke",
@@ -114,7 +126,6 @@ def test_revoke_individual_group_and_batch(
         assert register(station, ind / f"ind-{n:04d}")[0] == "disabled"
 
     # the CRL: cumulative, CRL Number and AKI, accepted by openssl
-    life = lifecycle_dir(station)
     [crl_file] = (life / "crl").glob("*.crl.pem")
     crl = x509.load_pem_x509_crl(crl_file.read_bytes())
     assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 3
