@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from ..config.station import load_station
-from ..errors import RegistrationError
+from ..errors import InputError, RegistrationError
 from ..lifecycle import queries
 from ..lifecycle.crl import REASONS, parse_reason
 from ..lifecycle.rebuild import rebuild, sync
@@ -66,7 +66,8 @@ def find_cmd(
     station: StationOpt,
     as_json: JsonOpt = False,
 ) -> None:
-    """Which batch, which station, which state: every certificate matching QUERY."""
+    """Which batch, which station, which state: every certificate matching QUERY (exit 2 when
+    none does)."""
     found = queries.find(load_station(station), query)
     if as_json:
         print(json.dumps([f.to_json() for f in found], indent=2))
@@ -85,7 +86,7 @@ def find_cmd(
                 + (f", IoT Hub {d.hub}" if d.hub else "")
             )
     if not found:
-        raise typer.Exit(1)
+        raise InputError(f"{query}: not in the station inventory", rule="provline find")
 
 
 @app.command("revoke")
