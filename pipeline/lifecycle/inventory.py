@@ -32,6 +32,7 @@ from ..vocabulary import CertificateStatus, DeviceState, RegistrationMode
 from .paths import inventory_path
 
 _ACTIVE = CertificateStatus.ACTIVE.value
+_WITH_BUNDLE = frozenset(s.value for s in DeviceState if s.has_bundle)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS certificates (
@@ -56,8 +57,7 @@ CREATE INDEX IF NOT EXISTS certificates_rid ON certificates(registration_id);
 CREATE INDEX IF NOT EXISTS certificates_sha1 ON certificates(sha1);
 CREATE INDEX IF NOT EXISTS certificates_sha256 ON certificates(sha256);
 CREATE INDEX IF NOT EXISTS certificates_batch ON certificates(batch_id);
-CREATE INDEX IF NOT EXISTS certificates_crl ON certificates(issuer, status);
-CREATE INDEX IF NOT EXISTS certificates_expiry ON certificates(status, not_after);
+CREATE INDEX IF NOT EXISTS certificates_status ON certificates(status, not_after);
 CREATE TABLE IF NOT EXISTS devices (
     registration_id TEXT PRIMARY KEY,
     device_id TEXT NOT NULL,
@@ -295,8 +295,9 @@ class Inventory:
             certs.clear()
             devices.clear()
 
+        base = str(batch_dir)
         for rid, device_id, state, serial, detail_text in rows:
-            if not serial or not DeviceState(state).has_bundle:
+            if not serial or state not in _WITH_BUNDLE:
                 continue
             detail = json.loads(detail_text or "{}")
             outcome = detail.get("registration", {})
@@ -313,7 +314,7 @@ class Inventory:
                     detail.get("not_after"),
                     custody,
                     profile,
-                    str(batch_dir / rid),
+                    f"{base}/{rid}",
                     _ACTIVE,
                     now,
                 )
@@ -647,7 +648,7 @@ def batch_issuer(station: Station, batch_dir: Path, journal: JournalRows) -> str
     """The issuing CA of a batch, from one of its certificates (every leaf of a batch has
     the same issuer), or from the station chain when none was issued yet."""
     for rid, _, state, serial, _ in journal.inventory_rows():
-        if serial and DeviceState(state).has_bundle:
+        if serial and state in _WITH_BUNDLE:
             path = batch_dir / rid / DEVICE_CERT
             return issuer_key_id(x509.load_pem_x509_certificate(path.read_bytes()))
     from ..ca.chain import load_chain

@@ -185,7 +185,7 @@ def revoke(
         op = lc.start(KIND, args, plan, RECORD, resume=resume)
         result = RevokeResult(op.id, "open", 0, already=already, resumed=op.resumed)
         reason = op.args.get("reason", reason)
-        _record(lc, op, reason, result)
+        _record(lc, op, reason)
         if op.phase in (RECORD, CRL):
             lc.set_phase(op, CRL)
             result.crl = issue_crl(station, lc.inventory, lc.log, op.id)
@@ -230,7 +230,7 @@ def _plan(
     return plan, already
 
 
-def _record(lc: Lifecycle, op: Operation, reason: str, result: RevokeResult) -> None:
+def _record(lc: Lifecycle, op: Operation, reason: str) -> None:
     at = utc_now()
     for part in chunks(lc.items(op, RECORD), 500):
         events: list[tuple[AuditEvent, str | None, dict[str, Any]]] = []
