@@ -69,6 +69,8 @@ def find_cmd(
     """Which batch, which station, which state: every certificate matching QUERY (exit 2 when
     none does)."""
     found = queries.find(load_station(station), query)
+    if not found:
+        raise InputError(f"{query}: not in the station inventory", rule="provline find")
     if as_json:
         print(json.dumps([f.to_json() for f in found], indent=2))
     for f in [] if as_json else found:
@@ -85,8 +87,6 @@ def find_cmd(
                 + (f", DPS {d.dps}" if d.dps else "")
                 + (f", IoT Hub {d.hub}" if d.hub else "")
             )
-    if not found:
-        raise InputError(f"{query}: not in the station inventory", rule="provline find")
 
 
 @app.command("revoke")

@@ -163,11 +163,3 @@ async def _one(svc: Services, rid: str, change: Change) -> Outcome:
         return Outcome(rid, "updated" if existing else "created", registration=state)
     except (ServiceError, httpx.HTTPError, OSError) as exc:
         return Outcome(rid, "failed", short_reason(exc))
-
-
-def foreign(slots: dict[str, str], ours: set[str]) -> str | None:
-    """The first thumbprint in ``slots`` that provline did not issue (``ours``), if any."""
-    for thumb in slots.values():
-        if thumb not in ours:
-            return thumb
-    return None

@@ -15,7 +15,6 @@ IoT Hub calls have their own bucket at the same rate (the hub's registry quota i
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from functools import partial
 from typing import Any, TypeVar
@@ -159,6 +158,8 @@ class Services:
         many as the ones still missing (whose one GET each is then no dearer), so reading
         costs at most twice the cheaper of the two ways. Returns what is still missing."""
         missing = set(wanted)
+        if not missing:
+            return missing
         read = 0
         pages = self.pages(path)
         try:
@@ -207,7 +208,3 @@ def require_endpoints(station: Station) -> None:
 
 def chunks(items: list[T], size: int = BULK_LIMIT) -> list[list[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def elapsed(since: float) -> float:
-    return time.monotonic() - since

@@ -188,10 +188,6 @@ class DpsService:
         response = await self._call("POST", path, json_body=body, headers=headers)
         return json_list(response), response.headers.get("x-ms-continuation") or None
 
-    async def delete(self, kind: str, key: str, etag: str | None = None) -> None:
-        headers = {"If-Match": etag} if etag else None
-        await self._call("DELETE", f"/{kind}/{quote(key, safe='')}", headers=headers, ok=(204,))
-
     async def registration(self, key: str) -> dict[str, Any] | None:
         return await self.get("registrations", key)
 
