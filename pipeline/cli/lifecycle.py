@@ -14,9 +14,10 @@ from ..config.station import load_station
 from ..errors import InputError, RegistrationError
 from ..lifecycle import queries
 from ..lifecycle.crl import REASONS, parse_reason
+from ..lifecycle.promote import promote
 from ..lifecycle.rebuild import rebuild, sync
 from ..lifecycle.reconcile import reconcile
-from ..lifecycle.renew import promote, renew
+from ..lifecycle.renew import renew
 from ..lifecycle.revoke import revoke
 from ..lifecycle.targets import Targets
 from .app import JsonOpt, StationOpt, app

@@ -35,8 +35,9 @@ from .inventory import Inventory, issuer_key_id
 from .log import _lock
 from .operation import OPEN, Handler, Operation
 from .paths import crl_path, inventory_path, lifecycle_dir
+from .promote import PROMOTE_HANDLERS
 from .reconcile import HANDLERS as RECONCILE_HANDLERS
-from .renew import PROMOTE_HANDLERS, RENEW_HANDLERS
+from .renew import RENEW_HANDLERS
 from .revoke import HANDLERS as REVOKE_HANDLERS
 
 

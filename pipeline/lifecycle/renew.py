@@ -1,5 +1,5 @@
-"""``provline renew`` and ``provline renew --promote``: new certificates before the old ones
-expire, without breaking a device's connection (docs/lifecycle.md).
+"""``provline renew``: new certificates before the old ones expire, without breaking a
+device's connection (docs/lifecycle.md); ``--promote`` finishes the roll (:mod:`.promote`).
 
 **renew** gives each device a new leaf: the same CN (the registration ID), a new serial, a new
 key made the way the device's custody makes keys (wrapped: a new key wrapped under the
@@ -13,11 +13,8 @@ CA); an IoT Hub CA identity neither. Serials are journaled and logged as intents
 are signed, like a batch: after a kill, an intent without a durable bundle is voided (onto
 the CRL) and the device gets another serial.
 
-**promote** makes the renewal the device's certificate: the individual enrollment gets it as
-primary and loses the old one, the IoT Hub self-signed identity DPS made follows, and the old
-certificate is retired (listed on the CRL as ``superseded``). DPS does not check CRLs: a
-retired certificate of a group device still chains to the group's CA, so DPS keeps
-accepting it until it expires (revoke the device to shut it out).
+**promote** (:mod:`.promote`) makes the renewal the device's certificate and retires the old
+one (on the CRL as ``superseded``).
 
 Device custody (the device makes its key and sends a CSR) has no key maker here yet:
 :class:`KeySource` is the extension point, and such devices are refused with a clear line.
@@ -30,7 +27,6 @@ import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -44,7 +40,6 @@ from ..config.station import CustodyConfig, Station
 from ..errors import HsmError, RegistrationError, ValidationFailed
 from ..files import sync_filesystem
 from ..keyprofile import KeyProfile
-from ..registration.service import short_reason
 from ..vocabulary import AuditEvent, CertificateStatus, Custody, RegistrationMode
 from . import enrollments
 from .crl import SUPERSEDED, IssuedCrl, issue_crl
@@ -170,7 +165,7 @@ def _on_enrolled(inv: Inventory, op: Operation, rid: str, data: dict[str, Any]) 
     move(inv, op, rid, when=(ENROLL,), to=DONE, detail={"enrolled": data["how"]})
 
 
-def _on_failed(inv: Inventory, op: Operation, rid: str, data: dict[str, Any]) -> None:
+def on_step_failed(inv: Inventory, op: Operation, rid: str, data: dict[str, Any]) -> None:
     move(
         inv,
         op,
@@ -181,28 +176,7 @@ def _on_failed(inv: Inventory, op: Operation, rid: str, data: dict[str, Any]) ->
     )
 
 
-def _on_promoted(inv: Inventory, op: Operation, rid: str, data: dict[str, Any]) -> None:
-    inv.set_certificate_status(data["serial"], CertificateStatus.ACTIVE)
-    if data.get("retired"):
-        inv.set_certificate_status(
-            data["retired"], CertificateStatus.RETIRED, SUPERSEDED, data["at"]
-        )
-    after = HUB if data.get("device_id") else DONE
-    move(
-        inv,
-        op,
-        rid,
-        when=(PROMOTE,),
-        to=after,
-        detail={k: data[k] for k in ("device_id", "assigned_hub") if data.get(k)},
-    )
-
-
-def _on_hub_updated(inv: Inventory, op: Operation, rid: str, data: dict[str, Any]) -> None:
-    move(inv, op, rid, when=(HUB,), to=DONE, detail={"hub": data["how"]})
-
-
-def _on_crl(inv: Inventory, op: Operation, rid: str, data: dict[str, Any]) -> None:
+def on_crl_done(inv: Inventory, op: Operation, rid: str, data: dict[str, Any]) -> None:
     inv.db.execute("UPDATE operations SET phase = ? WHERE id = ? AND phase = ?", (DONE, op.id, CRL))
 
 
@@ -211,14 +185,8 @@ RENEW_HANDLERS: dict[AuditEvent, Handler] = {
     AuditEvent.RENEWAL_VOID: _on_void,
     AuditEvent.RENEWED: _on_renewed,
     AuditEvent.RENEWAL_ENROLLED: _on_enrolled,
-    AuditEvent.LIFECYCLE_STEP_FAILED: _on_failed,
-    AuditEvent.CRL_ISSUED: _on_crl,
-}
-PROMOTE_HANDLERS: dict[AuditEvent, Handler] = {
-    AuditEvent.PROMOTED: _on_promoted,
-    AuditEvent.HUB_IDENTITY_UPDATED: _on_hub_updated,
-    AuditEvent.LIFECYCLE_STEP_FAILED: _on_failed,
-    AuditEvent.CRL_ISSUED: _on_crl,
+    AuditEvent.LIFECYCLE_STEP_FAILED: on_step_failed,
+    AuditEvent.CRL_ISSUED: on_crl_done,
 }
 
 
@@ -262,7 +230,7 @@ def renew(
             lc.set_phase(op, CRL)  # serials a kill or a failure voided go onto the CRL
             result.crl = issue_crl(station, lc.inventory, lc.log, op.id)
             lc.set_phase(op, DONE)
-        _summarise(lc, op, result)
+        summarise(lc, op, result)
         result.state = lc.finish(
             op,
             {
@@ -554,207 +522,7 @@ async def _enroll(lc: Lifecycle, op: Operation, operations_per_minute: int | Non
         await svc.aclose()
 
 
-# -- promote ------------------------------------------------------------------------------------
-def promote(
-    station: Station,
-    targets: Targets,
-    *,
-    resume: bool = False,
-    operations_per_minute: int | None = None,
-    note: Callable[[str], None] = print,
-) -> RenewResult:
-    """Make each device's staged renewal its certificate and retire the old one."""
-    plan: list[tuple[str, str, dict[str, Any]]] = []
-    args: dict[str, Any] = {}
-    if not resume:
-        rids = target_ids(station, targets)
-        args = {"devices": len(rids), "targets_sha256": fingerprint(rids)}
-        resume = resumes(station, PROMOTE, args)
-        if not resume:
-            plan = _promotion_plan(station, rids)
-    precheck(station, PROMOTE, args, resume)
-    if resume or any(d.get("mode") == RegistrationMode.INDIVIDUAL for _, _, d in plan):
-        require_endpoints(station)
-    lc = Lifecycle(station, PROMOTE_HANDLERS)
-    try:
-        op = lc.start(PROMOTE, args, plan, PROMOTE, resume=resume)
-        result = RenewResult(op.id, PROMOTE, "open", resumed=op.resumed)
-        if lc.items(op, PROMOTE):
-            asyncio.run(_promote(lc, op, operations_per_minute))
-        if lc.items(op, HUB):
-            asyncio.run(_promote_hub(lc, op, operations_per_minute))
-        if op.phase in (PROMOTE, CRL):
-            lc.set_phase(op, CRL)
-            result.crl = issue_crl(station, lc.inventory, lc.log, op.id)
-            lc.set_phase(op, DONE)
-        _summarise(lc, op, result)
-        result.state = lc.finish(
-            op,
-            {
-                "devices": result.devices,
-                "promoted": result.enrolled,
-                "failed": len(result.failures),
-            },
-        )
-        return result
-    finally:
-        lc.close(note)
-
-
-def _promotion_plan(station: Station, rids: list[str]) -> list[tuple[str, str, dict[str, Any]]]:
-    inventory = Inventory.of(station, create=False)
-    plan: list[tuple[str, str, dict[str, Any]]] = []
-    problems: list[str] = []
-    try:
-        for rid in rids:
-            device = inventory.device(rid)
-            live = inventory.certificates_of(
-                rid, (CertificateStatus.ACTIVE, CertificateStatus.STAGED)
-            )
-            staged = [c for c in live if c.status is CertificateStatus.STAGED]
-            active = [c for c in live if c.status is CertificateStatus.ACTIVE]
-            if device is None or device.revoked:
-                problems.append(f"{rid}: revoked: nothing to promote")
-            elif not staged:
-                problems.append(f"{rid}: no staged renewal to promote (provline renew first)")
-            else:
-                plan.append(
-                    (
-                        rid,
-                        PROMOTE,
-                        {
-                            "new": staged[-1].serial,
-                            "sha256": staged[-1].sha256,
-                            "sha1": staged[-1].sha1,
-                            "old": active[-1].serial if active else None,
-                            "issuer": active[-1].issuer if active else None,
-                            "mode": device.mode.value,
-                        },
-                    )
-                )
-    finally:
-        inventory.close()
-    if problems:
-        more = len(problems) - MAX_PROBLEMS
-        raise ValidationFailed(
-            problems[:MAX_PROBLEMS] + ([f"... and {more} more"] if more > 0 else [])
-        )
-    return plan
-
-
-async def _promote(lc: Lifecycle, op: Operation, operations_per_minute: int | None) -> None:
-    pems = Pems(lc.inventory)
-    items = dict(lc.items(op, PROMOTE))
-    at = utc_now()
-
-    def promoted(rid: str, **extra: Any) -> tuple[AuditEvent, str | None, dict[str, Any]]:
-        detail = items[rid]
-        return (
-            AuditEvent.PROMOTED,
-            rid,
-            {
-                "serial": detail["new"],
-                "retired": detail.get("old"),
-                "issuer": detail.get("issuer"),
-                "at": at,
-                **extra,
-            },
-        )
-
-    others = [rid for rid, d in items.items() if d["mode"] != RegistrationMode.INDIVIDUAL]
-    for part in chunks(others, 500):
-        lc.commit(op, [promoted(rid, enrollment="none") for rid in part])
-    individual = {rid: d for rid, d in items.items() if d["mode"] == RegistrationMode.INDIVIDUAL}
-    if not individual:
-        return
-
-    def primary(rid: str) -> enrollments.Change:
-        new_sha = individual[rid]["sha256"]
-
-        def change(current: dict[str, Any] | None) -> dict[str, Any] | str | None:
-            if current is None:
-                return "the device has no individual enrollment (provline reconcile reports it)"
-            if enrollments.slot_thumbprints(current) == {"primary": new_sha}:
-                return None
-            new = pems.get(new_sha)
-            if new is None:
-                return "the renewal's bundle is missing"
-            status = str(current.get("provisioningStatus") or "enabled")
-            return enrollments.body(rid, current, {"primary": new}, status)
-
-        return change
-
-    def done(outcomes: list[Outcome]) -> None:
-        events: list[tuple[AuditEvent, str | None, dict[str, Any]]] = []
-        for o in outcomes:
-            if o.failed:
-                events.append(
-                    (
-                        AuditEvent.LIFECYCLE_STEP_FAILED,
-                        o.registration_id,
-                        {"where": PROMOTE, "reason": o.reason},
-                    )
-                )
-                continue
-            state = o.registration or {}
-            where = {}
-            if state.get("status") == "assigned" and state.get("deviceId"):
-                where = {"device_id": state["deviceId"], "assigned_hub": state.get("assignedHub")}
-            events.append(promoted(o.registration_id, enrollment=o.how, **where))
-        lc.commit(op, events)
-
-    svc = Services(lc.station, operations_per_minute)
-    try:
-        await enrollments.apply(svc, {rid: primary(rid) for rid in individual}, done)
-    finally:
-        await svc.aclose()
-
-
-async def _promote_hub(lc: Lifecycle, op: Operation, operations_per_minute: int | None) -> None:
-    """The self-signed identity DPS made follows the enrollment: the new thumbprint only."""
-    items = lc.items(op, HUB)
-    svc = Services(lc.station, operations_per_minute)
-
-    async def update(job: list[tuple[str, dict[str, Any]]]) -> None:
-        events: list[tuple[AuditEvent, str | None, dict[str, Any]]] = []
-        for rid, detail in job:
-            if not svc.has_hub or not svc.hub.serves(detail.get("assigned_hub")):
-                events.append(
-                    (
-                        AuditEvent.LIFECYCLE_STEP_FAILED,
-                        rid,
-                        {"where": HUB, "reason": "no connection string for its hub"},
-                    )
-                )
-                continue
-            try:
-                how = await svc.hub_call(
-                    partial(svc.hub.set_thumbprints, detail["device_id"], detail["sha1"], None), 2
-                )
-                events.append(
-                    (
-                        AuditEvent.HUB_IDENTITY_UPDATED,
-                        rid,
-                        {"device_id": detail["device_id"], "how": how},
-                    )
-                )
-            except Exception as exc:  # the SDK raises several kinds; each fails this device
-                events.append(
-                    (
-                        AuditEvent.LIFECYCLE_STEP_FAILED,
-                        rid,
-                        {"where": HUB, "reason": short_reason(exc)},
-                    )
-                )
-        lc.commit(op, events)
-
-    try:
-        await svc.each(chunks(items, 10), update)
-    finally:
-        await svc.aclose()
-
-
-def _summarise(lc: Lifecycle, op: Operation, result: RenewResult) -> None:
+def summarise(lc: Lifecycle, op: Operation, result: RenewResult) -> None:
     rows = lc.inventory.db.execute(
         "SELECT registration_id, step, detail FROM op_items WHERE op = ?", (op.id,)
     ).fetchall()

@@ -61,10 +61,7 @@ class Device:
         self.rid = bundle.name
 
     def register(self) -> dict[str, Any]:
-        try:
-            return self.client.register(self.rid, deadline=30)
-        finally:
-            pass
+        return self.client.register(self.rid, deadline=30)
 
     def telemetry(self, hub: str, device_id: str) -> int:
         """204 when accepted; the HTTP status of the refusal otherwise."""
