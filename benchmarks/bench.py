@@ -9,7 +9,8 @@ docs/benchmarks.md says what each figure means.
 
 Suites (one module each, ``measure(ca_dir) -> dict``): batch throughput and memory
 (batch.py), registration against the emulator (registration.py), manifest validation at the
-device limit (manifest.py).
+device limit (manifest.py), revocation, CRLs and inventory look-ups after the factory
+(lifecycle.py).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import json
 import shutil
 
 import batch
+import lifecycle
 import manifest
 import registration
 from common import OUT, QUICK, ROOT, WORKERS, machine, setup
 
-SUITES = [batch.measure, registration.measure, manifest.measure]
+SUITES = [batch.measure, registration.measure, manifest.measure, lifecycle.measure]
 
 
 def main() -> None:

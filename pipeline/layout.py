@@ -23,3 +23,11 @@ PKCS8_KEY = "device.key.pem"
 PKCS12 = "device.pfx"
 
 TEMP_SUFFIX = ".tmp"  # atomic writes go through ".<name>.tmp" in the same directory
+
+# <output>/.lifecycle/ by default (station setting ``lifecycle``; docs/lifecycle.md): the
+# station's life after the factory. A batch id never starts with a dot, so it cannot clash.
+LIFECYCLE_DIR = ".lifecycle"
+INVENTORY = "inventory.sqlite"  # every certificate the station issued, indexed
+CRL_DIR = "crl"  # <issuer key id>.crl.pem: the cumulative CRL of each issuing CA
+RENEWALS_DIR = "renewals"  # <operation id>/<registration-id>/: bundles of renewed devices
+# the lifecycle log is AUDIT_LOG + AUDIT_SEAL in the lifecycle directory, locked by LOCK

@@ -64,6 +64,23 @@ class AuditEvent(StrEnum):
     RUN_END = "run_end"
     SEAL = "seal"
     SEAL_SKIPPED = "seal_skipped"
+    # The station lifecycle log (docs/lifecycle.md): after the factory.
+    STATION_LOG_START = "station_log_start"
+    OPERATION_START = "operation_start"
+    OPERATION_END = "operation_end"
+    REVOKED = "revoked"
+    CRL_ISSUED = "crl_issued"
+    ENROLLMENT_DISABLED = "enrollment_disabled"
+    HUB_IDENTITY_DISABLED = "hub_identity_disabled"
+    SHUT_OUT_FAILED = "shut_out_failed"
+    RENEWAL_INTENT = "renewal_intent"
+    RENEWED = "renewed"
+    RENEWAL_VOID = "renewal_void"
+    RENEWAL_ENROLLED = "renewal_enrolled"
+    PROMOTED = "promoted"
+    HUB_IDENTITY_UPDATED = "hub_identity_updated"
+    LIFECYCLE_STEP_FAILED = "lifecycle_step_failed"
+    RECONCILE_FIXED = "reconcile_fixed"
 
 
 # A registration outcome is a device state in the journal and an event in the audit log.
@@ -90,3 +107,19 @@ class RegistrationMode(StrEnum):
     INDIVIDUAL = "individual"
     GROUP = "group"
     HUB = "hub"
+
+
+class CertificateStatus(StrEnum):
+    """Where an issued certificate is in its life after the factory (the station inventory,
+    docs/lifecycle.md). Every status but ``active`` and ``staged`` puts the serial on the
+    issuing CA's CRL."""
+
+    ACTIVE = "active"  # the device's certificate
+    STAGED = "staged"  # a renewal, usable, not yet promoted (individual: the secondary slot)
+    RETIRED = "retired"  # replaced by a promoted renewal (CRL reason superseded)
+    REVOKED = "revoked"  # revoked by the operator, with an RFC 5280 reason
+    VOID = "void"  # may have been signed, never delivered (CRL reason superseded)
+
+    @property
+    def on_crl(self) -> bool:
+        return self not in (CertificateStatus.ACTIVE, CertificateStatus.STAGED)

@@ -297,6 +297,13 @@ class Journal:
         can exist for (orphan removal touches no other label)."""
         return {rid for (rid,) in self._db.execute("SELECT DISTINCT registration_id FROM serials")}
 
+    def inventory_rows(self) -> Iterator[tuple[str, str, str, str | None, str | None]]:
+        """(registration_id, device_id, state, serial, detail JSON) of every device, for the
+        station inventory (pipeline.lifecycle.inventory)."""
+        yield from self._db.execute(
+            "SELECT registration_id, device_id, state, serial, detail FROM devices ORDER BY idx"
+        )
+
     def total(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM devices").fetchone()[0])
 

@@ -35,6 +35,7 @@ from ..config.manifest import Manifest
 from ..config.station import Station
 from ..errors import CAError, InputError, ProvlineError, ValidationFailed
 from ..layout import AUDIT_LOG
+from ..lifecycle.inventory import record_batch
 from ..registration.endpoints import resolve
 from ..registration.stage import RegisterOptions, Stage, run_stage
 from ..registration.target import RegistrationOutcome, load_targets
@@ -134,6 +135,7 @@ def run_batch(
             aborted=aborted,
         )
         write_report(ctx.batch_dir, report)
+        record_batch(ctx.station, ctx.batch_dir, journal, progress.log)  # station inventory
         journal.close()
         progress.close()
     return RunResult(ctx.batch_dir, report)

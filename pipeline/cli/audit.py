@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..audit.lifecycle_verify import LifecycleSummary, is_lifecycle_log, verify_lifecycle
 from ..audit.verify import verify_batch
 from ..ca.certs import load_cert
 from .app import JsonOpt, audit_app
@@ -15,7 +16,9 @@ from .app import JsonOpt, audit_app
 
 @audit_app.command("verify")
 def audit_verify_cmd(
-    batch_dir: Annotated[Path, typer.Argument(help="A batch directory.")],
+    batch_dir: Annotated[
+        Path, typer.Argument(help="A batch directory, or a station lifecycle directory.")
+    ],
     root: Annotated[
         Path | None,
         typer.Option("--root", help="Trusted root certificate (default: the root the log names)."),
@@ -25,6 +28,9 @@ def audit_verify_cmd(
     """Check the signature, the signer chain, the hash chain, every bundle file, every serial
     and report.json, offline. Exit 6 naming the first bad line or file."""
     anchor = load_cert(str(root), where="--root") if root else None
+    if is_lifecycle_log(batch_dir):  # a station lifecycle directory (docs/lifecycle.md)
+        _print_lifecycle(verify_lifecycle(batch_dir, anchor), root, as_json)
+        return
     summary = verify_batch(batch_dir, anchor)
     if as_json:
         print(
@@ -51,3 +57,22 @@ def audit_verify_cmd(
         print(f"{failure['state']:<11} {failure['registration_id']}: {failure['reason']}")
     for void in summary.voids:
         print(f"void        {void['registration_id']} serial {void['serial']} (revoke)")
+
+
+def _print_lifecycle(summary: LifecycleSummary, root: Path | None, as_json: bool) -> None:
+    trust = str(root) if root else "root named by the log (give --root)"
+    if as_json:
+        print(json.dumps({"verified": True, "trust_anchor": trust, **summary.as_dict()}, indent=2))
+        return
+    print(f"station {summary.station}: lifecycle log VERIFIED")
+    print(f"signer      {summary.signer}")
+    print(f"time span   {summary.first_time} .. {summary.last_time} ({summary.lines} lines)")
+    print(f"trust       {trust}")
+    print("operations  " + "  ".join(f"{k}: {v}" for k, v in sorted(summary.operations.items())))
+    print(f"revoked     {summary.revoked_devices} devices")
+    print("renewals    " + "  ".join(f"{k}: {v}" for k, v in summary.renewals.items()))
+    print(f"files       {summary.files_checked} renewal files match their logged hashes")
+    for crl in summary.crls:
+        print(f"CRL         {crl['issuer']} number {crl['number']}: {crl['entries']} serials")
+    for op in summary.unfinished:
+        print(f"unfinished  {op} (resume it)")

@@ -10,7 +10,7 @@ import typer
 from ..ca import ceremony
 from ..config.station import load_station
 from ..keyprofile import KeyProfile
-from ..lifecycle.crl import void_crl
+from ..lifecycle.crl import publish_crl
 from ..secret import SecretRef
 from .app import (
     DEFAULT_MODULE,
@@ -182,18 +182,25 @@ def ca_audit_key(
 
 @ca_app.command("crl")
 def ca_crl(
-    batch_dirs: Annotated[
-        list[Path],
-        typer.Argument(metavar="BATCH_DIR...", help="Batches whose void serials to revoke."),
-    ],
     station: StationOpt,
-    out: Annotated[Path, typer.Option("--out", help="Where to write the CRL (PEM).")],
-    days: Annotated[int, typer.Option("--days", min=1, help="Days until nextUpdate.")] = 30,
+    batch_dirs: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            metavar="[BATCH_DIR]...", help="Record these batches (their void serials) first."
+        ),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Also copy the CRL here (PEM).")] = None,
+    days: Annotated[
+        int | None, typer.Option("--days", min=1, help="Days until nextUpdate (default: station).")
+    ] = None,
 ) -> None:
-    """Revoke every void serial of the given batches: a CRL signed by the HSM-held issuing key.
-    (Void serials may have been signed before a crash; their bundles were never durable.)"""
-    count = void_crl(batch_dirs, load_station(station), out, days)
-    print(f"CRL with {count} revoked serials: {out}")
+    """Sign the issuing CA's cumulative CRL in the HSM: every revoked, retired and void serial
+    of the station inventory (docs/lifecycle.md). Void serials may have been signed before a
+    crash; their bundles were never durable."""
+    issued = publish_crl(load_station(station), batch_dirs or [], out, days)
+    print(f"CRL number {issued.number} with {issued.entries} revoked serials: {issued.path}")
+    if out is not None:
+        print(f"copied to {out}")
 
 
 @ca_app.command("show")

@@ -75,6 +75,16 @@ class DpsConfig:
 
 
 @dataclass(frozen=True)
+class LifecycleConfig:
+    """Where the station's lifecycle state lives (docs/lifecycle.md); None: the defaults
+    under ``output`` (README "Output contract")."""
+
+    dir: Path | None = None  # lifecycle log, CRLs, renewals
+    inventory: Path | None = None  # the station inventory (SQLite)
+    crl_days: int = 7  # nextUpdate of the CRLs, days after thisUpdate
+
+
+@dataclass(frozen=True)
 class Station:
     path: Path
     name: str
@@ -87,6 +97,7 @@ class Station:
     workers: int = 2
     chunk_size: int = 256
     dps: DpsConfig = field(default_factory=DpsConfig)
+    lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
     lines: dict[str, int] = field(default_factory=dict, compare=False)  # "ca.chain" -> line
 
     def where(self, key: str) -> str:
@@ -123,6 +134,7 @@ _TOP = {
     "workers",
     "chunk_size",
     "dps",
+    "lifecycle",
 }
 _DPS = {
     "emulator_dir",
@@ -319,6 +331,15 @@ class _Reader:
             )
         return dps
 
+    def lifecycle(self, doc: Mapping) -> LifecycleConfig:
+        section = self.check.section(doc, "lifecycle")
+        self.check.keys(section, {"dir", "inventory", "crl_days"}, set(), "lifecycle.")
+        return LifecycleConfig(
+            dir=self.path(section, "dir"),
+            inventory=self.path(section, "inventory"),
+            crl_days=self.bounded(section, "crl_days", 7, 1, 366),
+        )
+
 
 def load_station(path: Path) -> Station:
     """Load and check a station config; every problem is reported at once."""
@@ -348,6 +369,7 @@ def _load_station(path: Path) -> Station:
         chunk_size=read.bounded(doc, "chunk_size", default_chunk_size(custody.policy), 1, 10000),
         dps=read.dps(doc),
         lines=_lines(doc),
+        lifecycle=read.lifecycle(doc),
     )
     if check.problems:
         raise ValidationFailed(sorted_by_line(check.problems))

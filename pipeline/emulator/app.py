@@ -269,7 +269,7 @@ class Emulator:
             if len(p) == 2 and m == "GET":
                 found = self.state.get(kind, p[1])
                 return (
-                    Response(200, self._public(found))
+                    Response(200, self._with_registration(kind, self._public(found)))
                     if found
                     else error(404, 404201, f"{p[1]} not found")
                 )
@@ -295,13 +295,7 @@ class Emulator:
             if len(p) == 2 and m == "DELETE":
                 return self._delete("registration", p[1], request.headers.get("if-match"))
             if len(p) == 3 and p[2] == "query" and m == "POST":
-                group = p[1].lower()
-                matches = [
-                    r
-                    for r in self.state.all("registration")
-                    if r.get("x509", {}).get("enrollmentGroupId", "").lower() == group
-                ]
-                return Response(200, matches, {"x-ms-item-type": "DeviceRegistration"})
+                return self._registration_query(p[1].lower(), request)
         return error(
             404 if m in ("GET", "PUT", "POST", "DELETE") else 405,
             404000,
@@ -460,7 +454,43 @@ class Emulator:
         if len(rows) > top:
             rows = rows[:top]
             headers["x-ms-continuation"] = str(rows[-1][0])
-        return Response(200, [self._public(body) for _, body in rows], headers)
+        return Response(
+            200, [self._with_registration(kind, self._public(body)) for _, body in rows], headers
+        )
+
+    def _with_registration(self, kind: str, enrollment: dict[str, Any]) -> dict[str, Any]:
+        """An individual enrollment as DPS shows it: with the ``registrationState`` of its
+        registration ID once that device has registered (docs/dps.md §2.2)."""
+        if kind == "enrollment":
+            record = self.state.get("registration", enrollment["registrationId"])
+            if record is not None:
+                enrollment["registrationState"] = {
+                    k: v for k, v in record.items() if k not in ("x509", "payload")
+                }
+        return enrollment
+
+    def _registration_query(self, group: str, request: Request) -> Response:
+        """The registration records of one enrollment group, paged like the other queries
+        (``x-ms-max-item-count``, opaque ``x-ms-continuation``)."""
+        try:
+            top = int(request.headers.get("x-ms-max-item-count") or 100)
+            after = int(request.headers.get("x-ms-continuation") or 0)
+        except ValueError:
+            return error(400, 400004, "bad paging headers")
+        top = max(1, min(top, 1000))
+        headers = {"x-ms-item-type": "DeviceRegistration", "x-ms-max-item-count": str(top)}
+        found: list[tuple[int, dict[str, Any]]] = []
+        while len(found) <= top and (rows := self.state.page("registration", after, 1000)):
+            after = rows[-1][0]
+            found += [
+                (seq, r)
+                for seq, r in rows
+                if r.get("x509", {}).get("enrollmentGroupId", "").lower() == group
+            ]
+        if len(found) > top:
+            found = found[:top]
+            headers["x-ms-continuation"] = str(found[-1][0])
+        return Response(200, [r for _, r in found], headers)
 
     # ---------------------------------------------------------- CA certificates + PoP
     def _certificates(self, request: Request) -> Response:
@@ -779,7 +809,29 @@ class Emulator:
                 if current.get("initialTwin"):
                     device["_twin"] = current["initialTwin"]
                 self.state.put("device", device_id, device)
+            elif operation["kind"] == "individual":
+                self._refresh_thumbprints(device, current)
         return state
+
+    def _refresh_thumbprints(self, device: dict[str, Any], enrollment: dict[str, Any]) -> None:
+        """On a device's registration DPS updates the registry identity it made to the
+        enrollment's current certificates (Microsoft Learn, "How to roll X.509 device
+        certificates"): a self-signed identity gets the SHA-1 thumbprints of the primary and
+        secondary certificates. Its status is left as it is."""
+        auth = device.get("authentication") or {}
+        if auth.get("type") != "selfSigned":
+            return
+        slots = enrollment["attestation"]["x509"].get("clientCertificates", {})
+        prints = {
+            "primaryThumbprint": (slots.get("primary") or {}).get("info", {}).get("sha1Thumbprint"),
+            "secondaryThumbprint": (slots.get("secondary") or {})
+            .get("info", {})
+            .get("sha1Thumbprint"),
+        }
+        if auth.get("x509Thumbprint") != prints:
+            auth["x509Thumbprint"] = prints
+            device["etag"] = base64.b64encode(str(time.time_ns()).encode()).decode()
+            self.state.put("device", device["deviceId"], device)
 
     # ============================================================================ IoT Hub
     @staticmethod

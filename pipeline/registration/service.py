@@ -176,6 +176,18 @@ class DpsService:
             if not continuation:
                 return items
 
+    async def query_page(
+        self, path: str, continuation: str | None, page_size: int, body: Any = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of a query (``/enrollments/query``, ``/enrollmentGroups/query``,
+        ``/registrations/{group id}/query``) and the continuation of the next, if any. Each
+        page is one call, so a caller can pace them."""
+        headers = {"x-ms-max-item-count": str(page_size)}
+        if continuation:
+            headers["x-ms-continuation"] = continuation
+        response = await self._call("POST", path, json_body=body, headers=headers)
+        return json_list(response), response.headers.get("x-ms-continuation") or None
+
     async def registration(self, key: str) -> dict[str, Any] | None:
         return await self.get("registrations", key)
 
