@@ -45,7 +45,7 @@ def batch(tmp: Path, station: Station, batch_id: str, prefix: str, count: int, m
         f"generator: {{prefix: {prefix}, digits: 4, count: {count}, tags: {{line: L}}}}\n"
     )
     result = run_batch(
-        load_manifest(path), station, register=RegisterOptions(upload_ca=mode == "individual")
+        load_manifest(path), station, register=RegisterOptions(upload_ca=mode != "none")
     )
     assert result.exit_code == 0, result.report.failures
     return result.batch_dir
