@@ -170,10 +170,13 @@ def key_maker(
     return Pkcs8Keys(profile, passphrase, config.pkcs12)
 
 
-def remove_orphans(token: hsm.Token) -> list[dict[str, str]]:
+def remove_orphans(
+    token: hsm.Token, before_destroy: Callable[[dict[str, str]], None] | None = None
+) -> list[dict[str, str]]:
     """Destroy what a crash inside C_GenerateKeyPair leaves behind on SoftHSM2: key halves
     whose partner is missing and key objects with no label. The station token is provline's
-    own, so an unlabelled key object cannot be anyone else's."""
+    own, so an unlabelled key object cannot be anyone else's. ``before_destroy`` is called
+    with each removal before it happens (the orchestrator logs it durably first)."""
     publics = token.objects(ObjectClass.PUBLIC_KEY)
     privates = token.objects(ObjectClass.PRIVATE_KEY)
     public_labels = {o.label for o in publics if o.label}
@@ -193,5 +196,7 @@ def remove_orphans(token: hsm.Token) -> list[dict[str, str]]:
                         "why": f"no {other} half" if label else "no label",
                     }
                 )
+                if before_destroy is not None:
+                    before_destroy(removed[-1])
                 obj.destroy()
     return removed

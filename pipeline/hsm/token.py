@@ -312,3 +312,16 @@ def check_value(secret_key: Any) -> str:
     """CKA_CHECK_VALUE (first 3 bytes of AES-ECB of a zero block, computed by the token): names
     a transport key without revealing it, so a bundle says which key unwraps it."""
     return bytes(call(secret_key.__getitem__, Attribute.CHECK_VALUE)).hex().upper()
+
+
+def forget_sessions() -> None:
+    """Drop this process's token sessions and re-initialise every module it loaded, so the
+    next :func:`open_token` sees the token directory afresh. For a worker retrying a start-up
+    that failed transiently (SoftHSM2 can report NoSuchToken or GeneralError while other
+    processes log in or after one was killed); never used while a session is in use."""
+    _TOKENS.clear()
+    for module_path in list(_LIB_CONF):
+        try:
+            pkcs11.lib(module_path).reinitialize()
+        except (p11e.PKCS11Error, OSError, RuntimeError):
+            _LIB_CONF.pop(module_path, None)  # load_module tries again from scratch
