@@ -6,7 +6,9 @@ prove it by killing the run at every durable step in turn. Each durable step cal
 
 * ``commit.<what>`` after each journal transaction commits (``create``, ``plan``, ``intents``,
   ``results``, ``settle``, ``retry``, ``registration``);
-* ``audit.flush`` after each sync of the audit log;
+* ``audit.flush`` after each sync of the audit log, and ``logged.<what>`` after the sync
+  that must precede a commit or a destruction (``settle``, ``results``, ``registration``,
+  ``orphan``): the window between the log and the act;
 * ``batch.created`` once a new batch directory is in place, ``issue.start`` before the worker
   pool starts, ``register.start`` before the registration stage.
 

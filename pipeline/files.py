@@ -34,7 +34,7 @@ STORAGE_ERRNOS = {
     errno.EIO: "I/O error",
     errno.EFBIG: "file too large for the file system",
 }
-STORAGE_RULE = "free space (or fix the storage), then run the same command again to resume"
+STORAGE_RULE = "free space or fix the storage, then run the same command again to resume"
 
 
 def is_storage_error(exc: BaseException) -> bool:

@@ -57,7 +57,17 @@ from ..errors import (
     exit_code_of,
 )
 from ..files import SpaceReserve, is_storage_error
-from ..layout import AUDIT_LOG, DEVICE_CERT, DEVICE_JSON, SPACE_RESERVE
+from ..layout import (
+    AUDIT_LOG,
+    DEVICE_CERT,
+    DEVICE_JSON,
+    FULL_CHAIN,
+    PKCS8_KEY,
+    PKCS12,
+    SPACE_RESERVE,
+    TEMP_SUFFIX,
+    WRAPPED_KEY,
+)
 from ..registration.endpoints import Endpoints, resolve
 from ..registration.stage import RegisterOptions, Stage, run_stage
 from ..registration.target import RegistrationOutcome, load_targets
@@ -81,6 +91,7 @@ LEDGER_META = ("signing_ledger", "1")  # the batch's runs mark serials before si
 SPACE_RESERVE_BYTES = 8 << 20  # room for the abort events, the seal and the report
 WIND_DOWN_SECONDS = 120.0  # how long a stopping run waits for workers to finish in hand
 POLL_SECONDS = 0.25  # how often a waiting orchestrator checks for a stop signal
+BUNDLE_FILES = (DEVICE_JSON, DEVICE_CERT, FULL_CHAIN, WRAPPED_KEY, PKCS8_KEY, PKCS12)
 
 
 @dataclass
@@ -388,6 +399,7 @@ def _remove_orphans(run: _Run) -> None:
     def logged(removed: dict[str, str]) -> None:  # durably logged before it is destroyed
         run.audit.append(AuditEvent.ORPHAN_REMOVED, data=removed)
         run.audit.flush()
+        crash_point("logged.orphan")
         run.orphans.append(removed)
         run.progress.log(
             f"token cleanup: removed orphaned {removed['object']} key "
@@ -432,6 +444,17 @@ def _on_disk(directory: Path, serial: str) -> bool:
     return format(cert.serial_number, "X") == serial
 
 
+def _discard_bundle(directory: Path, serial: str) -> None:
+    """Remove the files a void serial left in its device directory (the device is issued
+    again), so no one flashes a certificate that is to be revoked: device.json first, so a
+    half-removed bundle is never taken for a complete one."""
+    if not _on_disk(directory, serial):
+        return
+    for name in BUNDLE_FILES:
+        for path in (directory / name, directory / f".{name}{TEMP_SUFFIX}"):
+            path.unlink(missing_ok=True)
+
+
 def _settle(run: _Run, void: list[tuple[str, str]], released: list[tuple[str, str]]) -> None:
     """Close open intents: logged (synced) first, then committed; then the ledger is
     cleared (nothing is open any more, and no worker runs)."""
@@ -447,6 +470,9 @@ def _settle(run: _Run, void: list[tuple[str, str]], released: list[tuple[str, st
             ]
         )
         run.audit.flush()
+        crash_point("logged.settle")
+        for rid, serial in void:
+            _discard_bundle(run.ctx.batch_dir / rid, serial)
         run.journal.settle(void, released, VOID_REASON, RELEASED_REASON)
         run.totals["voided"] += len(void)
         run.totals["released"] += len(released)
@@ -486,6 +512,12 @@ def _issue(run: _Run, workers: int, chunk_size: int) -> StageStats:
 
 
 def _run_pool(run: _Run, workers: int, chunk_size: int, busy: dict[str, float]) -> None:
+    with run.stop.deferred():  # workers start with SIGINT/SIGTERM ignored
+        _hand_out(run, workers, chunk_size, busy)
+    _settle(run, [], [])  # nothing is open: clears the ledger
+
+
+def _hand_out(run: _Run, workers: int, chunk_size: int, busy: dict[str, float]) -> None:
     """Hand chunks to ``workers`` processes, at most one waiting beyond those in work: a
     serial is reserved shortly before a signer takes it."""
     ctx = run.ctx
@@ -522,7 +554,6 @@ def _run_pool(run: _Run, workers: int, chunk_size: int, busy: dict[str, float]) 
         _wind_down(run, pool, inflight, stop_workers, busy, exc)
         raise
     pool.shutdown(wait=True)
-    _settle(run, [], [])  # nothing is open: clears the ledger
 
 
 def _reserve(run: _Run, chunk: list[PendingDevice]) -> list[ChunkItem]:
@@ -583,6 +614,7 @@ def _collect(
     ]
     run.audit.extend(events)
     run.audit.flush()
+    crash_point("logged.results")
     del inflight[future]
     run.journal.record_results(result.issued, result.not_issued, result.unstarted, RELEASED_REASON)
     for key, value in result.seconds.items():
@@ -666,6 +698,7 @@ def _register(run: _Run, options: RegisterOptions, stages: dict[str, StageStats]
             [(REGISTRATION_EVENTS[o.state], o.registration_id, o.detail()) for o in outcomes]
         )
         audit.flush()
+        crash_point("logged.registration")
         journal.record_registration(outcomes)
         progress.advance("register", len(outcomes))
 

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from cryptography import x509
 
 from ..ca.builders import Issuer, build_leaf
-from ..config.station import load_station
+from ..config.station import load_station, station_secret_problems
 from ..errors import (
     HsmError,
     KeyNotFound,
@@ -37,6 +37,7 @@ from ..errors import (
     ProvlineError,
     StorageError,
     TokenNotFound,
+    ValidationFailed,
 )
 from ..files import is_storage_error, storage_error, sync_filesystem
 from ..hsm.token import forget_sessions
@@ -127,6 +128,9 @@ def init_worker(job: IssueJob, stop: StopFlag | None = None) -> None:
 
 def _start(job: IssueJob, stop: StopFlag | None) -> _Worker:
     station = load_station(Path(job.station_path))
+    problems = station_secret_problems(station)  # the orchestrator's own check, same lines
+    if problems:
+        raise ValidationFailed(problems)
     keys = open_station_keys(station)
     passphrase = None
     if station.custody.policy is Custody.PKCS8 and station.custody.pkcs8_passphrase:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,7 @@ from ..batch.report import summary
 from ..batch.status import check_devices, status
 from ..config.manifest import load_manifest
 from ..config.station import load_station
-from ..errors import RegistrationError
+from ..errors import Interrupted, RegistrationError, exit_code_of
 from ..registration.device import DeviceCheck
 from ..registration.stage import RegisterOptions
 from .app import BatchIdOpt, JsonOpt, ManifestArg, StationOpt, app, emit
@@ -121,13 +122,18 @@ def run_cmd(
         bulk_size=st.dps.bulk_size,
         unreachable_deadline=unreachable_deadline,
     )
-    result = run_batch(
-        mf,
-        st,
-        progress=for_terminal(quiet, json_events=as_json),
-        workers=workers,
-        register=options,
-    )
+    try:
+        result = run_batch(
+            mf,
+            st,
+            progress=for_terminal(quiet, json_events=as_json),
+            workers=workers,
+            register=options,
+        )
+    except KeyboardInterrupt as exc:  # the run stopped cleanly; its report says so
+        name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+        print(f"stopped by {name}: run the same command again to resume", file=sys.stderr)
+        raise typer.Exit(exit_code_of(exc)) from exc
     if as_json:
         print(json.dumps(result.report.to_json(), indent=2, sort_keys=True, default=str))
     else:

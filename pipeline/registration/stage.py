@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -78,6 +79,20 @@ class _StopAt(stop_base):
 
     def __call__(self, state: RetryCallState) -> bool:
         return time.monotonic() >= self.deadline
+
+
+def describe(exc: BaseException) -> str:
+    """A failed call in one line, with the kind of failure when the message lacks it."""
+    if isinstance(exc, ServiceError):
+        return short_reason(exc)
+    text = f"{type(exc).__name__}: {short_reason(exc)}"
+    cause: BaseException | None = exc
+    while cause is not None:  # the system error underneath, e.g. "Connection refused"
+        if isinstance(cause, OSError) and cause.errno:
+            reason = os.strerror(cause.errno)
+            return text if reason in text else f"{text} ({reason})"
+        cause = cause.__cause__ or cause.__context__
+    return text
 
 
 class StageStopped(Exception):
@@ -169,7 +184,7 @@ class Stage:
         self.retries += 1
         exc = state.outcome.exception() if state.outcome else None
         if self._on_retry is not None and exc is not None:
-            self._on_retry(self.retries, short_reason(exc))
+            self._on_retry(self.retries, describe(exc))
 
     async def _sleep(self, seconds: float) -> None:
         """Back off, but wake up to stop or to give up."""
@@ -198,7 +213,7 @@ class Stage:
                     result = await fn()
                 except Exception as exc:
                     if is_unreachable(exc):
-                        self.reach.failed(short_reason(exc))
+                        self.reach.failed(describe(exc))
                         self._maybe_moved()
                     else:
                         self.reach.answered()  # an HTTP error is an answer
