@@ -62,6 +62,7 @@ from ..layout import (
     DEVICE_CERT,
     DEVICE_JSON,
     FULL_CHAIN,
+    LOCK,
     PKCS8_KEY,
     PKCS12,
     SPACE_RESERVE,
@@ -89,7 +90,7 @@ VOID_REASON = "no durable bundle when the previous run stopped"
 RELEASED_REASON = "reserved but never reached a signer (nothing to revoke)"
 LEDGER_META = ("signing_ledger", "1")  # the batch's runs mark serials before signing them
 SPACE_RESERVE_BYTES = 8 << 20  # room for the abort events, the seal and the report
-WIND_DOWN_SECONDS = 120.0  # how long a stopping run waits for workers to finish in hand
+WIND_DOWN_SECONDS = 60.0  # how long a stopping run waits for workers to finish in hand
 POLL_SECONDS = 0.25  # how often a waiting orchestrator checks for a stop signal
 BUNDLE_FILES = (DEVICE_JSON, DEVICE_CERT, FULL_CHAIN, WRAPPED_KEY, PKCS8_KEY, PKCS12)
 
@@ -172,7 +173,7 @@ def run_batch(
                 reserve.release()
             if run is not None:
                 _log_abort(run, exc)
-        report, late = _finish(ctx, journal, run, stages, resumed, failure)
+        report, late = _finish(ctx, journal, run, progress, stages, resumed, failure)
     if failure is not None:
         raise failure
     if late is not None:
@@ -202,6 +203,7 @@ def _finish(
     ctx: _Context,
     journal: Journal,
     run: _Run | None,
+    progress: ProgressSink,
     stages: dict[str, StageStats],
     resumed: bool,
     failure: BaseException | None,
@@ -209,7 +211,6 @@ def _finish(
     """End events, seal, report, lock: each step is tried whatever failed before it. Returns
     the report and the first error of these steps (the run's exit code when it had none)."""
     late: BaseException | None = None
-    progress = run.progress if run is not None else Silent()
     if run is not None:
         clock = time.monotonic()
         sealed = False
@@ -275,10 +276,11 @@ def _plan(manifest: Manifest, station: Station) -> _Context:
             CAError,
             where=str(station.path),
         )
-    if Journal.exists(batch_dir):
-        _check_journal(Journal.open(batch_dir, create=False), manifest, station)
-    else:
-        if batch_dir.exists() and any(p.name != ".lock" for p in batch_dir.iterdir()):
+    started = Journal.exists(batch_dir) and _check_journal(
+        Journal.open(batch_dir, create=False), manifest, station
+    )
+    if not started:  # a new batch (or one whose creation never finished: nothing issued)
+        if not Journal.exists(batch_dir) and any(p.name != LOCK for p in _entries(batch_dir)):
             raise InputError(
                 f"{batch_dir} exists, is not empty and has no journal",
                 rule="a new batch starts in an empty directory",
@@ -300,14 +302,19 @@ def _journal_meta(manifest: Manifest, station: Station) -> dict[str, str]:
     }
 
 
-def _check_journal(journal: Journal, manifest: Manifest, station: Station) -> None:
-    """A resumed batch must be the same batch: same manifest, station, custody, profile. (A
-    batch whose plan was never completed has issued nothing and is planned afresh.)"""
+def _entries(directory: Path) -> list[Path]:
+    return list(directory.iterdir()) if directory.is_dir() else []
+
+
+def _check_journal(journal: Journal, manifest: Manifest, station: Station) -> bool:
+    """A resumed batch must be the same batch: same manifest, station, custody, profile.
+    Returns False for a batch whose plan was never completed (it has issued nothing and is
+    planned afresh)."""
     recorded = journal.meta()
     complete = journal.planned()
     journal.close()
     if not complete:
-        return
+        return False
     wanted = _journal_meta(manifest, station)
     problems = [
         f"{manifest.path}: {key} is {wanted[key]!r} but batch {manifest.batch_id} was started "
@@ -317,6 +324,7 @@ def _check_journal(journal: Journal, manifest: Manifest, station: Station) -> No
     ]
     if problems:
         raise ValidationFailed(problems)
+    return True
 
 
 def _check_no_labels_taken(token: hsm.Token, manifest: Manifest) -> None:

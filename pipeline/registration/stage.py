@@ -482,6 +482,8 @@ def _ensure_ca_identity(stage: Stage, device_id: str) -> DeviceState:
 
 
 async def _hub(stage: Stage, targets: list[Target], record: Record) -> None:
+    stage.registry  # noqa: B018  (made now: a missing hub connection string fails here, once)
+
     async def handle(t: Target) -> list[RegistrationOutcome]:
         def outcome(state: DeviceState, reason: str = "") -> list[RegistrationOutcome]:
             return [
