@@ -258,17 +258,7 @@ class Journal:
         never started (the serial is released, the device planned again)."""
         now = time.time()
         with self._tx("results"):
-            self._db.executemany(
-                "UPDATE serials SET state = ?, updated = ? WHERE serial = ?",
-                [(SerialState.ISSUED.value, now, i.serial) for i in issued],
-            )
-            self._db.executemany(
-                "UPDATE devices SET state = ?, detail = ?, updated = ? WHERE registration_id = ?",
-                [
-                    (_BUNDLED, json.dumps(i.to_json(), sort_keys=True), now, i.registration_id)
-                    for i in issued
-                ],
-            )
+            self._bundled(issued, now)
             self._db.executemany(
                 "UPDATE serials SET state = ?, reason = ?, updated = ? WHERE serial = ?",
                 [
@@ -301,18 +291,35 @@ class Journal:
             )
         ]
 
+    def _bundled(self, issued: Iterable[IssuedBundle], now: float) -> None:
+        issued = list(issued)
+        self._db.executemany(
+            "UPDATE serials SET state = ?, updated = ? WHERE serial = ?",
+            [(SerialState.ISSUED.value, now, i.serial) for i in issued],
+        )
+        self._db.executemany(
+            "UPDATE devices SET state = ?, detail = ?, updated = ? WHERE registration_id = ?",
+            [
+                (_BUNDLED, json.dumps(i.to_json(), sort_keys=True), now, i.registration_id)
+                for i in issued
+            ],
+        )
+
     def settle(
         self,
         void: list[tuple[str, str]],
         released: list[tuple[str, str]],
         void_reason: str,
         released_reason: str,
+        recovered: Iterable[IssuedBundle] = (),
     ) -> None:
-        """Close open intents (see :meth:`dangling`): ``void`` serials may have been signed
-        (revoke them), ``released`` ones never reached a signer. Their devices are planned
-        again, to be issued with new serials."""
+        """Close open intents (see :meth:`dangling`) in one transaction: ``recovered``
+        bundles are whole on disk and become bundled; ``void`` serials may have been signed
+        (revoke them); ``released`` ones never reached a signer. The devices of the last two
+        are planned again, to be issued with new serials."""
         now = time.time()
         with self._tx("settle"):
+            self._bundled(recovered, now)
             self._db.executemany(
                 "UPDATE serials SET state = ?, reason = ?, updated = ? WHERE serial = ? "
                 "AND state = ?",

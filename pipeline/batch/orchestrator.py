@@ -14,9 +14,10 @@ Ordering rules that make a kill at any line safe to resume:
   registration outcomes. An orphaned token object is logged before it is destroyed. So the
   journal never knows more than the audit log, and every serial the journal closes is
   closed in the log too.
-* Open intents (a kill, or a stop) are settled from the ledger: a serial the ledger lists may
-  have been signed and becomes ``void`` (listed for revocation); one it does not list never
-  reached a signer and is ``released``. Their devices are issued again with new serials.
+* Open intents (a kill, or a stop) are settled (:mod:`.settle`): a bundle that is whole on
+  disk is synced and recorded as issued; any other serial the ledger lists may have been
+  signed and becomes ``void`` (listed for revocation); one it does not list never reached a
+  signer and is ``released``. Void and released devices are issued again with new serials.
 
 A run stops cleanly on SIGINT/SIGTERM, on an HSM error, and when the disk fills (it keeps a
 small preallocated reserve for its last words): workers finish the device in hand, what they
@@ -27,7 +28,6 @@ report written and the lock released.
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing
 import os
 import time
@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
 from pkcs11 import ObjectClass
 
 from .. import __version__, hsm
@@ -52,11 +51,12 @@ from ..errors import (
     CAError,
     InputError,
     Interrupted,
+    KeyNotFound,
     ProvlineError,
     ValidationFailed,
     exit_code_of,
 )
-from ..files import SpaceReserve, is_storage_error
+from ..files import SpaceReserve, is_storage_error, sync_filesystem
 from ..layout import (
     AUDIT_LOG,
     DEVICE_CERT,
@@ -79,8 +79,9 @@ from .custody import remove_orphans, warn_pkcs8
 from .journal import Journal
 from .plan import check_inputs
 from .progress import ProgressSink, Silent
-from .records import PendingDevice
+from .records import IssuedBundle, KeyReference, PendingDevice
 from .report import Report, build_report, write_report
+from .settle import Settlement, classify, on_disk
 from .signals import StopSignals
 from .signing import open_signer, open_station_keys
 from .worker import ChunkItem, ChunkResult, IssueJob, init_worker, issue_chunk
@@ -127,7 +128,13 @@ class _Run:
     stop: StopSignals
     reserve: SpaceReserve
     totals: dict[str, int] = field(
-        default_factory=lambda: {"issued": 0, "failed": 0, "voided": 0, "released": 0}
+        default_factory=lambda: {
+            "issued": 0,
+            "failed": 0,
+            "recovered": 0,
+            "voided": 0,
+            "released": 0,
+        }
     )
     orphans: list[dict[str, str]] = field(default_factory=list)
 
@@ -383,17 +390,18 @@ def _start_events(run: _Run, resumed: bool) -> None:
     if audit.torn_bytes:
         audit.append(AuditEvent.TORN_TAIL_REMOVED, data={"bytes": audit.torn_bytes})
     if resumed:
-        void, released = _classify(run)
+        settlement = _classify(run)
         audit.append(
             AuditEvent.RESUME,
             data={
                 "devices": journal.counts(),
-                "voided": len(void),
-                "released": len(released),
+                "recovered": len(settlement.recovered),
+                "voided": len(settlement.void),
+                "released": len(settlement.released),
                 "retrying_failed": journal.counts().get(DeviceState.FAILED, 0),
             },
         )
-        _settle(run, void, released)
+        _settle(run, settlement)
         audit.flush()
         journal.retry_failed()
         if journal.meta().get(LEDGER_META[0]) != LEDGER_META[1]:
@@ -418,83 +426,98 @@ def _remove_orphans(run: _Run) -> None:
 
 
 # -------------------------------------------------------------------------------- settle
-def _classify(run: _Run) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Open intents split into (void, released): void if the signing ledger lists the serial
-    or its certificate is on disk; released otherwise. Batches whose earlier runs kept no
-    ledger void every open intent."""
-    dangling = run.journal.dangling()
-    if not dangling:
-        return [], []
-    serials = {serial for _, serial in dangling}
-    trusted = run.journal.meta().get(LEDGER_META[0]) == LEDGER_META[1]
-    signed = ledger.marked(run.ctx.batch_dir, serials) if trusted else serials
-    void: list[tuple[str, str]] = []
-    released: list[tuple[str, str]] = []
-    for rid, serial in dangling:
-        if serial in signed or _on_disk(run.ctx.batch_dir / rid, serial):
-            void.append((rid, serial))
-        else:
-            released.append((rid, serial))
-    return void, released
+def _classify(run: _Run) -> Settlement:
+    """How each open intent ends (:mod:`.settle`)."""
+    token = run.ctx.token
 
-
-def _on_disk(directory: Path, serial: str) -> bool:
-    """Whether a bundle file in ``directory`` carries ``serial`` (it was certainly signed)."""
-    try:
-        if json.loads((directory / DEVICE_JSON).read_bytes()).get("serial") == serial:
+    def key_present(reference: KeyReference) -> bool:
+        if reference.custody is not Custody.RETAIN or reference.uri is None:
             return True
-    except (OSError, ValueError, AttributeError):
-        pass
-    try:
-        cert = x509.load_pem_x509_certificate((directory / DEVICE_CERT).read_bytes())
-    except (OSError, ValueError):
-        return False
-    return format(cert.serial_number, "X") == serial
+        uri = hsm.Pkcs11Uri.parse(reference.uri)
+        try:
+            token.find(ObjectClass.PRIVATE_KEY, label=uri.object, key_id=uri.id)
+        except KeyNotFound:
+            return False
+        return True
+
+    return classify(
+        run.ctx.batch_dir,
+        run.journal.dangling(),
+        ledger_kept=run.journal.meta().get(LEDGER_META[0]) == LEDGER_META[1],
+        key_present=key_present,
+    )
 
 
 def _discard_bundle(directory: Path, serial: str) -> None:
     """Remove the files a void serial left in its device directory (the device is issued
     again), so no one flashes a certificate that is to be revoked: device.json first, so a
     half-removed bundle is never taken for a complete one."""
-    if not _on_disk(directory, serial):
+    if not on_disk(directory, serial):
         return
     for name in BUNDLE_FILES:
         for path in (directory / name, directory / f".{name}{TEMP_SUFFIX}"):
             path.unlink(missing_ok=True)
 
 
-def _settle(run: _Run, void: list[tuple[str, str]], released: list[tuple[str, str]]) -> None:
-    """Close open intents: logged (synced) first, then committed; then the ledger is
-    cleared (nothing is open any more, and no worker runs)."""
-    if void or released:
+def _settle(run: _Run, settlement: Settlement) -> None:
+    """Close open intents: recovered bundles synced first; everything logged (synced), then
+    committed; then the ledger is cleared (nothing is open any more, and no worker runs)."""
+    if settlement:
+        if settlement.recovered:
+            sync_filesystem(run.ctx.batch_dir)
+        custody = run.ctx.station.custody.policy
         run.audit.extend(
             [
+                (AuditEvent.ISSUED, b.registration_id, _recovered_data(b, custody))
+                for b in settlement.recovered
+                if b.serial not in settlement.logged
+            ]
+            + [
                 (AuditEvent.VOID, rid, {"serial": serial, "reason": "no durable bundle"})
-                for rid, serial in void
+                for rid, serial in settlement.void
             ]
             + [
                 (AuditEvent.RELEASED, rid, {"serial": serial, "reason": "never reached a signer"})
-                for rid, serial in released
+                for rid, serial in settlement.released
             ]
         )
         run.audit.flush()
         crash_point("logged.settle")
-        for rid, serial in void:
+        for rid, serial in settlement.void:
             _discard_bundle(run.ctx.batch_dir / rid, serial)
-        run.journal.settle(void, released, VOID_REASON, RELEASED_REASON)
-        run.totals["voided"] += len(void)
-        run.totals["released"] += len(released)
-    if void:
-        run.progress.log(
-            f"{len(void)} serials may have been signed but have no durable bundle: void "
-            "(listed in report.json for revocation); their devices are issued again"
+        run.journal.settle(
+            settlement.void,
+            settlement.released,
+            VOID_REASON,
+            RELEASED_REASON,
+            recovered=settlement.recovered,
         )
-    if released:
+        run.totals["recovered"] += len(settlement.recovered)
+        run.totals["voided"] += len(settlement.void)
+        run.totals["released"] += len(settlement.released)
+    if settlement.recovered:
         run.progress.log(
-            f"{len(released)} reserved serials never reached a signer: released (nothing to "
-            "revoke); their devices are issued again"
+            f"{len(settlement.recovered)} bundles a stopped run finished but never recorded "
+            "are whole: recorded as issued"
+        )
+    if settlement.void:
+        run.progress.log(
+            f"{len(settlement.void)} serials may have been signed but have no complete bundle: "
+            "void (listed in report.json for revocation); their devices are issued again"
+        )
+    if settlement.released:
+        run.progress.log(
+            f"{len(settlement.released)} reserved serials never reached a signer: released "
+            "(nothing to revoke); their devices are issued again"
         )
     ledger.clear(run.ctx.batch_dir)
+
+
+def _recovered_data(bundle: IssuedBundle, custody: Custody) -> dict[str, Any]:
+    data = {**bundle.audit_data(), "recovered": True}
+    if custody is Custody.RETAIN:
+        del data["key_generated"]  # a retained key may have been made by an earlier run
+    return data
 
 
 # --------------------------------------------------------------------------------- issue
@@ -522,7 +545,7 @@ def _issue(run: _Run, workers: int, chunk_size: int) -> StageStats:
 def _run_pool(run: _Run, workers: int, chunk_size: int, busy: dict[str, float]) -> None:
     with run.stop.deferred():  # workers start with SIGINT/SIGTERM ignored
         _hand_out(run, workers, chunk_size, busy)
-    _settle(run, [], [])  # nothing is open: clears the ledger
+    _settle(run, Settlement())  # nothing is open: clears the ledger
 
 
 def _hand_out(run: _Run, workers: int, chunk_size: int, busy: dict[str, float]) -> None:
@@ -549,15 +572,24 @@ def _hand_out(run: _Run, workers: int, chunk_size: int, busy: dict[str, float]) 
         max_tasks_per_child=WORKER_CHUNKS,
     )
     inflight: dict[Future[ChunkResult], list[ChunkItem]] = {}
-    try:
-        for chunk in run.journal.pending(chunk_size):
-            run.stop.check()
+    chunks = run.journal.pending(chunk_size)
+
+    def hand_one() -> None:
+        chunk = next(chunks, None)
+        if chunk is not None:
             items = _reserve(run, chunk)
             inflight[pool.submit(issue_chunk, items)] = items
-            while len(inflight) > workers:
-                _collect_done(run, inflight, busy)
+
+    try:
+        for _ in range(workers + 1):
+            hand_one()
         while inflight:
-            _collect_done(run, inflight, busy)
+            done, _ = wait(inflight, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+            for future in done:
+                run.stop.check()
+                hand_one()  # the next chunk first: a free worker never waits for bookkeeping
+                _collect(run, inflight, future, busy)
+            run.stop.check()
     except BaseException as exc:
         _wind_down(run, pool, inflight, stop_workers, busy, exc)
         raise
@@ -574,16 +606,6 @@ def _reserve(run: _Run, chunk: list[PendingDevice]) -> list[ChunkItem]:
     run.audit.extend([(AuditEvent.INTENT, i.registration_id, {"serial": i.serial}) for i in items])
     run.audit.flush()
     return items
-
-
-def _collect_done(
-    run: _Run, inflight: dict[Future[ChunkResult], list[ChunkItem]], busy: dict[str, float]
-) -> None:
-    """Record every chunk that has finished (waiting a moment for one); check for a stop."""
-    done, _ = wait(inflight, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
-    for future in done:
-        _collect(run, inflight, future, busy)
-    run.stop.check()
 
 
 def _collect(
@@ -661,7 +683,7 @@ def _wind_down(
         for future in list(inflight):
             if future.done() and not future.cancelled() and future.exception() is None:
                 _collect(run, inflight, future, busy)
-        _settle(run, *_classify(run))
+        _settle(run, _classify(run))
     except ProvlineError as exc:
         run.progress.log(f"could not record the stopped chunks ({exc.line()}); the next run will")
 

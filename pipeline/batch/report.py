@@ -133,6 +133,11 @@ def summary(report: Report) -> str:
     lines.append("audit log: " + ("sealed" if seal.sealed else "NOT sealed"))
     for failure in report.failures[:SUMMARY_FAILURES]:
         lines.append(f"{failure['state']}: {failure['registration_id']}: {failure['reason']}")
+    if report.this_run.get("recovered"):
+        lines.append(
+            f"recovered: {report.this_run['recovered']} bundles a stopped run had finished "
+            "(whole on disk) recorded as issued"
+        )
     if report.void_serials:
         lines.append(
             f"void serials to revoke: {len(report.void_serials)} (see report.json void_serials)"

@@ -356,12 +356,17 @@ def test_too_little_space_to_start_is_one_line(hsm_env: Hsm, ca_env: CA, tmp_pat
 
 
 # ------------------------------------------------------------- released vs void (7)
-def test_void_and_released_serials_are_told_apart(hsm_env: Hsm, ca_env: CA, tmp_path: Path) -> None:
-    """One worker: chunk 1 is bundled, chunk 2 is with the signer, chunk 3 is reserved but
-    not yet handed over when the run is killed. Chunk 2's serials are void (revoke), chunk
-    3's released (nothing to revoke), in the journal, the log and the report."""
+def test_recovered_void_and_released_serials_are_told_apart(
+    hsm_env: Hsm, ca_env: CA, tmp_path: Path
+) -> None:
+    """One worker, chunks of 10. The run is stopped just after it reserved chunk 3 (not yet
+    handed over); meanwhile the worker finishes chunks 1 and 2, whose results are never
+    recorded; one of their bundles is torn (as a power cut could leave it); then the run is
+    killed. On resume the 19 whole bundles are recovered, the torn one's serial is void
+    (revoke), chunk 3's are released (nothing to revoke): in the journal, the log and the
+    report, and the CRL holds exactly the void one."""
     station = write_station(
-        tmp_path / "s.yaml", hsm_env, ca_env, output=tmp_path / "out", workers=1, chunk_size=6
+        tmp_path / "s.yaml", hsm_env, ca_env, output=tmp_path / "out", workers=1, chunk_size=10
     )
     manifest = write_manifest(tmp_path / "m.yaml", "told-apart", "ta-", 30)
     batch = tmp_path / "out" / "told-apart"
@@ -370,21 +375,32 @@ def test_void_and_released_serials_are_told_apart(hsm_env: Hsm, ca_env: CA, tmp_
         station,
         env=hsm_env.env(),
         logs=tmp_path / "logs",
-        crash_at="commit.intents:3:stop",  # chunk 1 recorded, chunk 2 queued to the worker
+        crash_at="commit.intents:3:stop",
     )
     wait_stopped(run)
-    ledger_file = batch / ".signing.ledger"
+    done = [batch / f"ta-{n:05d}" / "device.json" for n in range(1, 21)]
     deadline = time.monotonic() + 60
-    while ledger_file.read_text().count("\n") < 12 and time.monotonic() < deadline:
-        time.sleep(0.02)  # the worker takes chunk 2 while the orchestrator is stopped
+    while not all(p.exists() for p in done) and time.monotonic() < deadline:
+        time.sleep(0.02)  # the worker finishes chunks 1 and 2 while the orchestrator is stopped
+    torn = json.loads(done[14].read_text())["serial"]
+    done[14].unlink()  # ta-00015's bundle never got its device.json
     os.kill(run.proc.pid, signal.SIGKILL)
     run.wait()
     assert group_gone(run.proc.pid)
     proc = provline("run", str(manifest), "--station", str(station), "--json", env=hsm_env.env())
     report = json.loads(proc.stdout)
-    assert report["serials"] == {"issued": 30, "void": 6, "released": 6}
-    assert len(report["void_serials"]) == 6
-    assert "released reservations: 6 (never reached a signer" in (batch / "report.txt").read_text()
+    assert report["serials"] == {"issued": 30, "void": 1, "released": 10}
+    assert report["void_serials"] == [
+        {
+            "registration_id": "ta-00015",
+            "serial": torn,
+            "reason": "no durable bundle when the previous run stopped",
+        }
+    ]
+    assert report["this_run"]["recovered"] == 19 and report["this_run"]["issued"] == 11
+    text = (batch / "report.txt").read_text()
+    assert "recovered: 19 bundles" in text
+    assert "released reservations: 10 (never reached a signer" in text
     db = sqlite3.connect(batch / "journal.sqlite")
     reasons = dict(db.execute("SELECT state, reason FROM serials WHERE state != 'issued'"))
     db.close()
@@ -393,15 +409,16 @@ def test_void_and_released_serials_are_told_apart(hsm_env: Hsm, ca_env: CA, tmp_
         "released": "reserved but never reached a signer (nothing to revoke)",
     }
     events = audit_events(batch)
-    assert sum(e["event"] == "void" for e in events) == 6
-    assert sum(e["event"] == "released" for e in events) == 6
+    assert sum(e["event"] == "void" for e in events) == 1
+    assert sum(e["event"] == "released" for e in events) == 10
+    assert sum(e["event"] == "issued" and bool(e["data"].get("recovered")) for e in events) == 19
     assert _verify(batch, ca_env).returncode == 0
     crl = tmp_path / "void.crl.pem"
     provline(
         "ca", "crl", str(batch), "--station", str(station), "--out", str(crl), env=hsm_env.env()
     )
-    revoked = {format(r.serial_number, "X") for r in x509.load_pem_x509_crl(crl.read_bytes())}
-    assert revoked == {v["serial"] for v in report["void_serials"]}
+    revoked = [format(r.serial_number, "X") for r in x509.load_pem_x509_crl(crl.read_bytes())]
+    assert revoked == [torn]
 
 
 # ------------------------------------------------------- a half-created batch (2)

@@ -273,12 +273,15 @@ def test_one_worker_and_rerun_is_a_no_op(hsm_env: Hsm, ca_env: CA, tmp_path: Pat
 
 
 def _set_state(batch: Path, rid: str, state: str) -> str:
+    """The state a kill leaves while a device's bundle is being written: its serial an open
+    intent, its bundle incomplete (no device.json yet)."""
     db = sqlite3.connect(batch / "journal.sqlite")
     serial = db.execute("SELECT serial FROM devices WHERE registration_id = ?", (rid,)).fetchone()
     db.execute("UPDATE devices SET state = ? WHERE registration_id = ?", (state, rid))
     db.execute("UPDATE serials SET state = 'intent' WHERE serial = ?", serial)
     db.commit()
     db.close()
+    (batch / rid / "device.json").unlink()
     return serial[0]
 
 
