@@ -278,8 +278,9 @@ def _check_path(
 
 class _Replay:
     """Replays events: final state per device, the files of each device's current bundle,
-    and (state, device) per serial. A serial may be voided without a logged intent: the
-    journal commits intents just before the log does, and nothing is signed in between."""
+    and (state, device) per serial. A serial may be voided or released without a logged
+    intent: the journal commits intents just before the log does, and nothing is signed in
+    between."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

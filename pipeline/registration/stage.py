@@ -208,6 +208,7 @@ class Stage:
             with attempt:
                 self._check()
                 await self.bucket.take()
+                self._check()  # the wait for a token may have been long
                 self.calls += 1
                 try:
                     result = await fn()
@@ -440,7 +441,13 @@ async def _drain(
                 raise StageStopped
             record(await handle(queue.get_nowait()))
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    try:
+        await asyncio.gather(*tasks)
+    finally:  # one stopped or failed: the others stop too, recording nothing half-done
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _group(stage: Stage, targets: list[Target], record: Record) -> None:

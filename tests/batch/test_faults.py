@@ -299,6 +299,50 @@ def test_an_emulator_restarted_on_other_ports_is_picked_up(
     assert report["counts"] == {"registered": 20}
 
 
+def test_sigterm_while_registering_stops_cleanly(hsm_env: Hsm, ca_env: CA, tmp_path: Path) -> None:
+    data = tmp_path / "emu"
+    data.mkdir()
+    port, service, hub = free_ports(3)
+    (data / "config.json").write_text(
+        json.dumps({"port": port, "service_port": service, "hub_port": hub})
+    )
+    emu = start_emulator(data)
+    try:
+        station = write_station(
+            tmp_path / "s.yaml",
+            hsm_env,
+            ca_env,
+            output=tmp_path / "out",
+            extra=f"dps:\n  emulator_dir: {data}\n  operations_per_minute: 120\n",
+        )
+        manifest = write_manifest(tmp_path / "m.yaml", "term-dps", "td-", 60, "individual")
+        batch = tmp_path / "out" / "term-dps"
+        run = start_run(
+            manifest,
+            station,
+            "--upload-ca",
+            env=hsm_env.env(),
+            logs=tmp_path / "logs",
+            crash_at="logged.registration:1:stop",
+        )
+        wait_stopped(run)
+        os.killpg(run.proc.pid, signal.SIGTERM)
+        os.killpg(run.proc.pid, signal.SIGCONT)
+        assert run.wait(timeout=60) == 143, run.stderr
+        assert not _errors(run.stderr)
+        report = json.loads((batch / "report.json").read_text())
+        assert report["exit_code"] == 143 and report["aborted"] == "stopped by SIGTERM"
+        assert "register_failed" not in report["counts"]  # nothing half-done was recorded
+        assert 0 < report["counts"].get("bundled", 0) < 60
+        assert _verify(batch, ca_env).returncode == 0
+        again = provline(
+            "run", str(manifest), "--station", str(station), "--json", env=hsm_env.env()
+        )
+        assert json.loads(again.stdout)["counts"] == {"registered": 60}
+    finally:
+        emu.stop()
+
+
 # ----------------------------------------------------------------------- disk full (6)
 @contextlib.contextmanager
 def _tmpfs(where: Path, size: str) -> Iterator[Path]:
