@@ -214,54 +214,64 @@ def _finish(
     stages: dict[str, StageStats],
     resumed: bool,
     failure: BaseException | None,
-) -> tuple[Report, BaseException | None]:
-    """End events, seal, report, lock: each step is tried whatever failed before it. Returns
-    the report and the first error of these steps (the run's exit code when it had none)."""
-    late: BaseException | None = None
-    if run is not None:
-        clock = time.monotonic()
-        sealed = False
+) -> tuple[Report, ProvlineError | None]:
+    """End events, seal, report, lock: each step is tried whatever failed before it, and the
+    lock is released whatever happens. Returns the report and the first error of these steps
+    (the run's exit code when it had none)."""
+    try:
+        late = _seal_run(ctx, journal, run, progress, stages) if run is not None else None
+        cause = failure or late
+        report = build_report(
+            ctx.manifest,
+            ctx.station,
+            journal,
+            stages,
+            resumed=resumed,
+            this_run=run.totals if run is not None else {},
+            aborted=_reason(failure) if failure is not None else None,
+            exit_code=exit_code_of(cause) if cause is not None else None,
+            orphans_removed=run.orphans if run is not None else [],
+        )
         try:
-            run.audit.append(
-                AuditEvent.RUN_END,
-                data={
-                    "devices": journal.counts(),
-                    "serials": journal.serial_counts(),
-                    **run.totals,
-                },
-            )
-            sealed = _seal(ctx, run.audit, progress)
-        except ProvlineError as exc:
-            late = exc
-            progress.log(f"audit log not sealed: {exc.line()}")
-        stages["seal"] = StageStats(seconds=time.monotonic() - clock, sealed=sealed)
-        try:
-            run.audit.close()
+            write_report(ctx.batch_dir, report)
         except ProvlineError as exc:
             late = late or exc
-        stages["audit"] = StageStats(seconds=run.audit.seconds)
-    cause = failure or late
-    report = build_report(
-        ctx.manifest,
-        ctx.station,
-        journal,
-        stages,
-        resumed=resumed,
-        this_run=run.totals if run is not None else {},
-        aborted=_reason(failure) if failure is not None else None,
-        exit_code=exit_code_of(cause) if cause is not None else None,
-        orphans_removed=run.orphans if run is not None else [],
-    )
+            progress.log(f"report not written: {exc.line()}")
+    finally:
+        if run is not None:
+            run.reserve.release()
+        journal.close()
+        progress.close()
+    return report, late
+
+
+def _seal_run(
+    ctx: _Context,
+    journal: Journal,
+    run: _Run,
+    progress: ProgressSink,
+    stages: dict[str, StageStats],
+) -> ProvlineError | None:
+    """The run_end event and the seal; returns why the log could not be sealed, if so."""
+    late: ProvlineError | None = None
+    clock = time.monotonic()
+    sealed = False
     try:
-        write_report(ctx.batch_dir, report)
+        run.audit.append(
+            AuditEvent.RUN_END,
+            data={"devices": journal.counts(), "serials": journal.serial_counts(), **run.totals},
+        )
+        sealed = _seal(ctx, run.audit, progress)
+    except ProvlineError as exc:
+        late = exc
+        progress.log(f"audit log not sealed: {exc.line()}")
+    stages["seal"] = StageStats(seconds=time.monotonic() - clock, sealed=sealed)
+    try:
+        run.audit.close()
     except ProvlineError as exc:
         late = late or exc
-        progress.log(f"report not written: {exc.line()}")
-    if run is not None:
-        run.reserve.release()
-    journal.close()
-    progress.close()
-    return report, late
+    stages["audit"] = StageStats(seconds=run.audit.seconds)
+    return late
 
 
 # ---------------------------------------------------------------------------------- plan
