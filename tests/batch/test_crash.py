@@ -22,9 +22,11 @@ from ..support import (
     CA,
     MODULE,
     Hsm,
+    free_ports,
     group_gone,
     provline,
     serial_states,
+    start_emulator,
     start_run,
     write_manifest,
     write_station,
@@ -158,3 +160,52 @@ def test_kill_at_random_moments_then_resume(
     assert final.wait() == 0, f"seed {seed}: {final.stderr}"
     assert kills >= 2, f"seed {seed}: only {kills} kills landed"
     _check_batch(batch, ca_env, prefix, count)
+
+
+def test_kill_while_registering_then_resume(hsm_env: Hsm, ca_env: CA, tmp_path: Path) -> None:
+    """Kills between logging registration outcomes and committing them, and after a commit:
+    every device ends registered, with one enrollment each, and the log verifies."""
+    data = tmp_path / "emu"
+    data.mkdir()
+    port, service, hub = free_ports(3)
+    (data / "config.json").write_text(
+        json.dumps({"port": port, "service_port": service, "hub_port": hub})
+    )
+    emu = start_emulator(data)
+    try:
+        station = write_station(
+            tmp_path / "s.yaml",
+            hsm_env,
+            ca_env,
+            output=tmp_path / "out",
+            extra=f"dps:\n  emulator_dir: {data}\n  operations_per_minute: 6000\n",
+        )
+        manifest = write_manifest(tmp_path / "m.yaml", "kill-reg", "kg-", 40, "individual")
+        batch = tmp_path / "out" / "kill-reg"
+        for point in ("logged.registration:1", "commit.registration:2", "logged.registration:2"):
+            run = start_run(
+                manifest,
+                station,
+                "--upload-ca",
+                env=hsm_env.env(),
+                logs=tmp_path / "logs",
+                crash_at=point,
+            )
+            assert run.wait() == -signal.SIGKILL, f"{point}: {run.stderr}"
+            assert group_gone(run.proc.pid)
+        final = start_run(manifest, station, "--json", env=hsm_env.env(), logs=tmp_path / "logs")
+        assert final.wait() == 0, final.stderr
+        assert json.loads(final.stdout)["counts"] == {"registered": 40}
+        with emu.service() as svc:
+            enrolled = svc.post(
+                "/enrollments/query",
+                json={"query": "SELECT *"},
+                headers={"x-ms-max-item-count": "1000"},
+            ).json()
+        assert sorted(e["registrationId"] for e in enrolled) == [
+            f"kg-{n:05d}" for n in range(1, 41)
+        ]
+        verified = provline("audit", "verify", str(batch), "--root", str(ca_env.root), check=False)
+        assert verified.returncode == 0, verified.stderr
+    finally:
+        emu.stop()
