@@ -117,7 +117,9 @@ class Journal:
             building = output / f".{batch_dir.name}{CREATING}{secrets.token_hex(4)}"
             building.mkdir()
         except OSError as exc:
-            raise _storage(exc, output) from exc
+            if exc.errno in STORAGE_ERRNOS:
+                raise storage_error(exc, output) from exc
+            raise
         lock = None
         try:
             lock = _lock(building)
@@ -142,8 +144,8 @@ class Journal:
             if lock is not None:
                 os.close(lock)
             shutil.rmtree(building, ignore_errors=True)
-            if isinstance(exc, OSError):
-                raise _storage(exc, building) from exc
+            if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+                raise storage_error(exc, building) from exc
             raise
         crash_point("batch.created")
         try:
@@ -491,10 +493,6 @@ def _sqlite_storage(exc: sqlite3.Error, path: Path) -> StorageError | None:
     if code in _SQLITE_STORAGE:
         return StorageError(_SQLITE_STORAGE[code], where=str(path), rule=STORAGE_RULE)
     return None
-
-
-def _storage(exc: OSError, path: Path) -> Exception:
-    return storage_error(exc, path) if exc.errno in STORAGE_ERRNOS else exc
 
 
 class _Transaction:

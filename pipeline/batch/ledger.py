@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..files import STORAGE_ERRNOS, storage_error, write_all
+from ..files import storage_error, write_all
 from ..layout import SIGNING_LEDGER
 
 WINDOW = 16  # serials marked per sync: bounds the cost (one fdatasync per 16 devices)
@@ -34,7 +34,7 @@ class LedgerWriter:
         try:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as exc:
-            raise _error(exc, self.path) from exc
+            raise storage_error(exc, self.path) from exc
 
     def mark(self, serials: Iterable[str]) -> None:
         """Durably record that these serials may be signed from now on."""
@@ -42,8 +42,8 @@ class LedgerWriter:
         try:
             write_all(self._fd, data)
             os.fdatasync(self._fd)
-        except OSError as exc:
-            raise _error(exc, self.path) from exc
+        except OSError as exc:  # the serials are not marked: none of them will be signed
+            raise storage_error(exc, self.path) from exc
 
     def close(self) -> None:
         os.close(self._fd)
@@ -67,7 +67,3 @@ def clear(batch_dir: Path) -> None:
     """Empty the ledger: call only when no intent is open and no worker runs."""
     with contextlib.suppress(FileNotFoundError):
         os.truncate(batch_dir / SIGNING_LEDGER, 0)
-
-
-def _error(exc: OSError, path: Path) -> Exception:
-    return storage_error(exc, path) if exc.errno in STORAGE_ERRNOS else exc
