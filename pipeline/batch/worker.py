@@ -21,6 +21,7 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,11 @@ def init_worker(job: IssueJob, stop: StopFlag | None = None) -> None:
             if not _transient(exc) or attempt == STARTUP_ATTEMPTS:
                 _startup_error = exc
                 return
+            print(
+                f"worker {os.getpid()}: {exc.line()}; retrying ({attempt}/{STARTUP_ATTEMPTS - 1})",
+                file=sys.stderr,
+                flush=True,
+            )
         except Exception as exc:  # a bug or an unmapped library error: one line, not a crash
             _startup_error = HsmError(f"worker start-up failed: {type(exc).__name__}: {exc}")
             return

@@ -158,10 +158,13 @@ def test_a_token_back_within_the_retries_is_a_transient_error(
     tokens.rename(away)
     try:
         os.kill(run.proc.pid, signal.SIGCONT)
-        time.sleep(1.2)  # the workers spawn and fail their first attempts meanwhile
+        deadline = time.monotonic() + 30
+        while "retrying (1/" not in run.stderr and time.monotonic() < deadline:
+            time.sleep(0.05)  # a worker started, failed, and said it will try again
     finally:
         away.rename(tokens)
     assert run.wait() == 0, run.stderr
+    assert "cannot load PKCS#11 module" in run.stderr and "retrying (1/4)" in run.stderr
     batch = tmp_path / "out" / "flaky-token"
     assert json.loads((batch / "report.json").read_text())["counts"] == {"bundled": 30}
     assert _verify(batch, c).returncode == 0
