@@ -14,6 +14,8 @@ Exit codes (a stable contract for factory CI):
  4    CA / issuance error
  5    registration finished with failures (partial)
  6    audit verification failed
+ 7    I/O failure: disk full, read-only or failing storage (the line names the path)
+ 130  interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM): the run was stopped cleanly
 ====  ==========================================================
 
 The HSM family shares the leading digit 3 so that a script can test ``code // 10 == 3``
@@ -93,6 +95,10 @@ class ProvlineError(Exception):
         self.where = where
         self.rule = rule
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Worker processes raise these to the orchestrator: pickle every field, not only args.
+        return (_rebuild, (type(self), self.args, self.__dict__))
+
     def line(self) -> str:
         """The problem as one printable line: ``where: what (rule)``, escaped."""
         parts = [p for p in (self.where, self.what) if p]
@@ -161,3 +167,42 @@ class RegistrationError(ProvlineError):
 
 class AuditError(ProvlineError):
     exit_code = 6
+
+
+class StorageError(ProvlineError):
+    """The disk is full, read-only or failing. Nothing half-written is left behind; free space
+    (or fix the storage) and run the same command again to resume."""
+
+    exit_code = 7
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was asked to stop by a signal (SIGINT or SIGTERM): it stops cleanly, marks the
+    run aborted, seals the log, writes the report and releases the batch lock."""
+
+    def __init__(self, signal_name: str = "SIGINT", exit_code: int = 130) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.exit_code = exit_code
+
+
+UNEXPECTED_EXIT_CODE = 1
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The process exit code for a run that ended with ``exc`` (the CLI and report.json use
+    this one mapping, so they always agree)."""
+    if isinstance(exc, ProvlineError | Interrupted):
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        return 130
+    return UNEXPECTED_EXIT_CODE
+
+
+def _rebuild(
+    cls: type[ProvlineError], args: tuple[object, ...], state: dict[str, object]
+) -> ProvlineError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error

@@ -1,42 +1,86 @@
-"""Atomic file writes and group-commit durability.
+"""Atomic file writes, group-commit durability, and what a full or failing disk becomes.
 
 A file is written to a temporary name in the same directory and renamed into place, so a
 reader (or a resumed run) sees either nothing or the whole file. Durability is separate:
 :func:`sync_filesystem` makes everything written so far durable with one call, which is what
 lets a batch sync once per chunk of bundles instead of once per file.
+
+A write that fails (the disk is full, the filesystem went read-only) removes its temporary
+file and raises :class:`~pipeline.errors.StorageError` naming the path: nothing half-written
+is left behind, and the caller's ordering rules decide what was committed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 from pathlib import Path
+
+from .errors import StorageError
 
 PRIVATE = 0o600
 PUBLIC = 0o644
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
+# errno values that mean "the storage cannot take this write", not "this one file is wrong".
+STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EIO: "I/O error",
+    errno.EFBIG: "file too large for the file system",
+}
+STORAGE_RULE = "free space or fix the storage, then run the same command again to resume"
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    return isinstance(exc, StorageError) or (
+        isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS
+    )
+
+
+def storage_error(exc: OSError, path: Path | str) -> StorageError:
+    """The one-line error for a failed write to ``path``."""
+    what = STORAGE_ERRNOS.get(exc.errno or 0) or (exc.strerror or str(exc))
+    return StorageError(what, where=str(path), rule=STORAGE_RULE)
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """os.write until every byte is written (a write may be short when the disk fills)."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:  # pragma: no cover - POSIX raises instead of returning 0 here
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view = view[written:]
+
 
 def write_atomic(path: Path, data: bytes, *, private: bool = False, fsync: bool = False) -> None:
     """Write ``data`` to ``path`` via a temp file and rename; 0600 when ``private``.
-    The temp file is created with its final mode, so private bytes are never world-readable."""
+    The temp file is created with its final mode, so private bytes are never world-readable.
+    On failure the temp file is removed and a storage failure becomes StorageError."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE if private else PUBLIC)
     try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE if private else PUBLIC)
         try:
-            os.write(fd, data)
+            write_all(fd, data)
             if fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
-    except BaseException:  # e.g. the disk is full: leave nothing half-written behind
-        tmp.unlink(missing_ok=True)
+        os.replace(tmp, path)
+        if fsync:
+            sync_directory(path.parent)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            raise storage_error(exc, path) from exc
         raise
-    os.replace(tmp, path)
-    if fsync:
-        sync_directory(path.parent)
 
 
 def sync_directory(directory: Path) -> None:
@@ -54,6 +98,45 @@ def sync_filesystem(anywhere: Path) -> None:
     try:
         if _libc.syncfs(fd) != 0:
             err = ctypes.get_errno()
-            raise OSError(err, f"syncfs failed: {os.strerror(err)}", str(anywhere))
+            error = OSError(err, f"syncfs failed: {os.strerror(err)}", str(anywhere))
+            if err in STORAGE_ERRNOS:
+                raise storage_error(error, anywhere) from error
+            raise error
     finally:
         os.close(fd)
+
+
+class SpaceReserve:
+    """A preallocated file that keeps room for a run's last words.
+
+    When the disk fills mid-batch the run still has to log why it stopped, seal the log and
+    write its report. The run preallocates ``size`` bytes at its start (failing early, before
+    any device, if even that much is not free) and gives them back (:meth:`release`) when a
+    write fails for lack of space, or when the run ends.
+    """
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.size = size
+
+    def take(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, PRIVATE)
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self.release()
+            if exc.errno in STORAGE_ERRNOS:
+                raise StorageError(
+                    f"{STORAGE_ERRNOS[exc.errno or 0]}: a run needs "
+                    f"{self.size // (1 << 20)} MiB free to start",
+                    where=str(self.path.parent),
+                    rule=STORAGE_RULE,
+                ) from exc
+            # A file system that cannot preallocate: run without the reserve (best effort).
+
+    def release(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()

@@ -9,6 +9,8 @@ from __future__ import annotations
 # <output>/<batch-id>/
 JOURNAL = "journal.sqlite"
 LOCK = ".lock"
+SIGNING_LEDGER = ".signing.ledger"  # serials that may have reached a signer (batch/ledger.py)
+SPACE_RESERVE = ".space-reserve"  # room kept for a run's last words when the disk fills
 AUDIT_LOG = "audit.jsonl"
 AUDIT_SEAL = "audit.jsonl.p7s"
 REPORT = "report.json"

@@ -36,12 +36,13 @@ REWORK_STATES = (DeviceState.FAILED, DeviceState.CONFLICT, DeviceState.REGISTER_
 
 
 class SerialState(StrEnum):
-    """Every serial the CA was asked to sign ends issued, void or unused."""
+    """Every serial the CA was asked to sign ends issued, void, unused or released."""
 
     INTENT = "intent"  # journaled and logged before signing
     ISSUED = "issued"  # its bundle is durable
     VOID = "void"  # it may have been signed but its bundle is not durable: revoke it
-    UNUSED = "unused"  # the worker proved it was never signed
+    UNUSED = "unused"  # the worker proved it was never signed (the device failed)
+    RELEASED = "released"  # reserved, never reached a signer: nothing to revoke, device again
 
 
 class AuditEvent(StrEnum):
@@ -56,6 +57,7 @@ class AuditEvent(StrEnum):
     ISSUED = "issued"
     VOID = "void"
     UNUSED = "unused"
+    RELEASED = "released"
     FAILED = "failed"
     REGISTERED = "registered"
     REGISTRATION_CONFLICT = "registration_conflict"

@@ -706,3 +706,104 @@ def serve_cli() -> None:
             "timed_out": timed_out,
         }
         print(json.dumps(reply), flush=True)
+
+
+# ------------------------------------------------------------------- runs that are killed
+@dataclass
+class Started:
+    """``provline run`` as a subprocess in its own process group, output to files."""
+
+    proc: subprocess.Popen[bytes]
+    out: Path
+    err: Path
+
+    def wait(self, timeout: float = 300) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    @property
+    def stdout(self) -> str:
+        return self.out.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.err.read_text()
+
+
+def start_run(
+    manifest: Path,
+    station: Path,
+    *args: str,
+    env: dict[str, str],
+    logs: Path,
+    crash_at: str | None = None,
+) -> Started:
+    """Start ``provline run``; ``crash_at`` sets PROVLINE_CRASH_AT (see pipeline/crashpoint.py)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    run_env = {k: v for k, v in env.items() if k != "PROVLINE_CRASH_AT"}
+    if crash_at:
+        run_env["PROVLINE_CRASH_AT"] = crash_at
+    n = len(list(logs.glob("*.out")))
+    out, err = logs / f"{n:03d}.out", logs / f"{n:03d}.err"
+    with out.open("wb") as o, err.open("wb") as e:
+        proc = subprocess.Popen(
+            [*PROVLINE, "run", str(manifest), "--station", str(station), *args],
+            env=run_env,
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=o,
+            stderr=e,
+        )
+    return Started(proc, out, err)
+
+
+def wait_stopped(started: Started, timeout: float = 120) -> None:
+    """Wait until the process stopped itself (SIGSTOP from a ``:stop`` crash point)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if started.proc.poll() is not None:
+            raise AssertionError(
+                f"provline exited {started.proc.returncode} before its stop point:\n"
+                f"{started.stderr[-3000:]}"
+            )
+        stat = Path(f"/proc/{started.proc.pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] in ("T", "t"):
+            return
+        time.sleep(0.02)
+    raise AssertionError("provline never reached its stop point")
+
+
+def group_gone(pgid: int, timeout: float = 15) -> bool:
+    """Whether every process of the group (the run and its workers) has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def audit_events(batch: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (batch / "audit.jsonl").open()]
+
+
+def serial_states(batch: Path) -> dict[str, str]:
+    """Final state of every serial, replayed from the audit log."""
+    closing = {"intent", "issued", "void", "unused", "released"}
+    states: dict[str, str] = {}
+    for event in audit_events(batch):
+        data = event["data"]
+        if event["event"] in closing and isinstance(data, dict):
+            states[str(data["serial"])] = str(event["event"])
+    return states
+
+
+def write_manifest(
+    path: Path, batch_id: str, prefix: str, count: int, registration: str = "none"
+) -> Path:
+    path.write_text(
+        f"batch_id: {batch_id}\nregistration: {registration}\n"
+        f"generator: {{prefix: {prefix}, digits: 5, count: {count}}}\n"
+    )
+    return path

@@ -5,7 +5,10 @@
 its newline; 64 zeros for the first line). A resumed run continues the same chain.
 
 Durability rule: the orchestrator syncs the log before it commits the journal transaction
-that depends on the same events, so the journal never knows more than the log.
+that depends on the same events, so the journal never knows more than the log. A flush is
+all or nothing: when the disk is full (or a write fails) the bytes already written by that
+flush are cut off again, the pending lines are dropped and the chain continues from the last
+durable line, so the file never holds a torn line and the caller commits nothing.
 
 Sealing writes ``audit.jsonl.p7s``, a detached CMS SignedData over the whole file made by the
 station's audit key inside the HSM, with the signer's certificate chain embedded (built with
@@ -22,6 +25,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +36,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 from ..ca.builders import signing_hash
-from ..errors import AuditError
-from ..files import write_atomic
+from ..crashpoint import crash_point
+from ..errors import AuditError, StorageError
+from ..files import STORAGE_RULE, storage_error, write_all, write_atomic
 from ..keyprofile import PrivateKey
 from ..layout import AUDIT_SEAL
 from ..vocabulary import AuditEvent
@@ -61,7 +66,13 @@ class AuditLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.seq, self.prev, self.torn_bytes = _tail(path)
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            raise storage_error(exc, path) from exc
+        self._size = os.fstat(self._fd).st_size  # bytes known durable
+        self._durable = (self.seq, self.prev)  # chain state of the last durable line
+        self._broken: StorageError | None = None  # a failed write could not be cut off
         self._pending: list[bytes] = []
         self.seconds = 0.0  # time spent logging and sealing, for the report
 
@@ -73,38 +84,76 @@ class AuditLog:
     ) -> None:
         self.extend([(event, registration_id, data or {})])
 
-    def extend(self, events: list[Event]) -> None:
+    def extend(self, events: Sequence[Event]) -> None:
         """Append several events; they share one timestamp (they happen together)."""
         started = time.perf_counter()
         now = _now()
+        seq, prev, lines = self.seq, self.prev, []
         for event, registration_id, data in events:
-            self.seq += 1
+            seq += 1
             line = encode(
                 {
-                    "seq": self.seq,
+                    "seq": seq,
                     "time": now,
                     "event": str(event),
                     "registration_id": registration_id,
                     "data": data,
-                    "prev": self.prev,
+                    "prev": prev,
                 }
             )
-            self.prev = hashlib.sha256(line).hexdigest()
-            self._pending.append(line + b"\n")
+            prev = hashlib.sha256(line).hexdigest()
+            lines.append(line + b"\n")
+        self._pending += lines
+        self.seq, self.prev = seq, prev
         self.seconds += time.perf_counter() - started
 
     def flush(self, *, sync: bool = True) -> None:
+        """Write (and sync) the pending lines, all or nothing (raises StorageError)."""
+        if self._broken is not None:
+            raise self._broken
         started = time.perf_counter()
-        if self._pending:
-            os.write(self._fd, b"".join(self._pending))
-            self._pending.clear()
-        if sync:
-            os.fsync(self._fd)
+        data = b"".join(self._pending)
+        try:
+            write_all(self._fd, data)
+            if sync:
+                os.fsync(self._fd)
+        except OSError as exc:
+            raise self._undo(exc) from exc
+        except BaseException:  # interrupted between write and sync: undo, then go on raising
+            self._undo(OSError(0, "interrupted"))
+            raise
+        self._size += len(data)
+        self._pending.clear()
+        self._durable = (self.seq, self.prev)
         self.seconds += time.perf_counter() - started
+        crash_point("audit.flush")
+
+    def _undo(self, exc: OSError) -> StorageError:
+        """Cut off what the failed flush wrote; forget its lines."""
+        error = storage_error(exc, self.path)
+        self._pending.clear()
+        self.seq, self.prev = self._durable
+        try:
+            os.ftruncate(self._fd, self._size)
+            os.fsync(self._fd)
+        except OSError:
+            # The file may end with a torn line: refuse further writes in this run; the next
+            # run cuts the torn tail off (and logs that it did).
+            self._broken = StorageError(
+                f"{error.what}; a torn line could not be cut off",
+                where=str(self.path),
+                rule=STORAGE_RULE,
+            )
+            return self._broken
+        return error
 
     def close(self) -> None:
-        self.flush()
-        os.close(self._fd)
+        """Flush what is pending (best effort when the log is already failing) and close."""
+        try:
+            if self._pending:
+                self.flush()
+        finally:
+            os.close(self._fd)
 
     def seal(
         self, signer: PrivateKey, cert: x509.Certificate, chain: list[x509.Certificate]
@@ -196,15 +245,23 @@ def _tail(path: Path) -> tuple[int, str, int]:
     A line cut short by a crash was never synced, so nothing depends on it: it is cut off."""
     if not path.exists() or path.stat().st_size == 0:
         return 0, GENESIS, 0
-    data = path.read_bytes()
-    torn = 0
-    if not data.endswith(b"\n"):
-        cut = data.rfind(b"\n") + 1
-        torn = len(data) - cut
-        with path.open("r+b") as handle:
-            handle.truncate(cut)
+    with path.open("r+b") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        block = 1 << 16
+        while True:  # read back from the end until the last whole line is in view
+            start = max(0, size - block)
+            handle.seek(start)
+            data = handle.read(size - start)
+            if start == 0 or data.count(b"\n") >= 2:
+                break
+            block *= 2
+        torn = 0
+        if not data.endswith(b"\n"):
+            cut = data.rfind(b"\n") + 1
+            torn = len(data) - cut
+            handle.truncate(start + cut)
             os.fsync(handle.fileno())
-        data = data[:cut]
+            data = data[:cut]
     if not data:
         return 0, GENESIS, torn
     last = data[data.rfind(b"\n", 0, len(data) - 1) + 1 : -1]

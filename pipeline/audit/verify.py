@@ -10,7 +10,8 @@ Checks, in order, stopping at the first failure with what and where:
    ``seal`` event the signature was made for;
 4. that every bundle file on disk has the SHA-256 the log recorded for it, and that no bundle
    file is unrecorded;
-5. that every serial ever intended ends ``issued``, ``void`` or ``unused``;
+5. that every serial ever intended ends ``issued``, ``void``, ``unused`` or ``released``
+   (a released serial never reached a signer: it is never issued, voided or unused later);
 6. that ``report.json`` agrees with the log.
 """
 
@@ -277,8 +278,9 @@ def _check_path(
 
 class _Replay:
     """Replays events: final state per device, the files of each device's current bundle,
-    and (state, device) per serial. A serial may be voided without a logged intent: the
-    journal commits intents just before the log does, and nothing is signed in between."""
+    and (state, device) per serial. A serial may be voided or released without a logged
+    intent: the journal commits intents just before the log does, and nothing is signed in
+    between."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -314,6 +316,12 @@ class _Replay:
                 serial,
             )
         elif event in (AuditEvent.VOID, AuditEvent.UNUSED):
+            if serials.get(serial, (None, ""))[0] is SerialState.RELEASED:
+                raise AuditError(
+                    f"serial {serial} is {event} but was released (never reached a signer)",
+                    where=f"{self.path}:{number}",
+                    rule="a released serial is never signed",
+                )
             serials[serial] = (SerialState(event.value), rid)
             if self.current.get(rid) == serial:
                 del self.current[rid], self.files[rid]
@@ -322,6 +330,18 @@ class _Replay:
                 state[rid] = (
                     DeviceState.FAILED if event is AuditEvent.UNUSED else DeviceState.PLANNED
                 )
+        elif event is AuditEvent.RELEASED:
+            prior = serials.get(serial, (SerialState.INTENT, rid))[0]
+            if prior not in (SerialState.INTENT, SerialState.RELEASED):
+                raise AuditError(
+                    f"serial {serial} released after it ended {prior}",
+                    where=f"{self.path}:{number}",
+                    rule="only an open intent is released",
+                )
+            serials[serial] = (SerialState.RELEASED, rid)
+            current = state.get(rid)
+            if current is None or not current.has_bundle or rid not in self.current:
+                state[rid] = DeviceState.PLANNED
         elif event is AuditEvent.FAILED:
             state[rid] = DeviceState.FAILED
             self.reasons[rid] = data.get("reason", "")
@@ -385,7 +405,7 @@ def _check_serials(serials: dict[str, tuple[SerialState, str]], path: Path) -> N
     for serial, (state, rid) in serials.items():
         if state is SerialState.INTENT:
             raise AuditError(
-                f"serial {serial} of {rid} ends as an intent (neither issued nor void)",
+                f"serial {serial} of {rid} ends as an intent (neither issued, void nor released)",
                 where=str(path),
                 rule="every serial accounted for",
             )

@@ -313,14 +313,20 @@ class OrphanSweep:
 KEPT_REPORTED = 100  # objects left alone that are listed one by one; the rest are counted
 
 
-def remove_orphans(token: hsm.Token, attempted: Collection[str]) -> OrphanSweep:
+def remove_orphans(
+    token: hsm.Token,
+    attempted: Collection[str],
+    before_destroy: Callable[[dict[str, str]], None] | None = None,
+) -> OrphanSweep:
     """Destroy what a crash inside C_GenerateKeyPair left of this batch's retained keys, and
     nothing else. An object is destroyed only when provline can prove it made it and left it
     half-made: its label is a registration ID ``attempted`` by this batch (the journal has a
     serial for it), its CKA_ID is provline's mark (empty, the pending id, or the SKI of its
     own public key), and it is not part of a complete pair (those are reused). Everything
     else that looks like debris (a half pair, an unlabelled key) may belong to another
-    application on a shared token or partition: it is reported in ``kept`` and left alone."""
+    application on a shared token or partition: it is reported in ``kept`` and left alone.
+    ``before_destroy`` is called with each removal before it happens (the orchestrator logs
+    it durably first)."""
     sweep = OrphanSweep()
     kept: list[dict[str, str]] = []
     by_label: dict[str, list[KeyObject]] = {}
@@ -334,9 +340,12 @@ def remove_orphans(token: hsm.Token, attempted: Collection[str]) -> OrphanSweep:
         elif label in attempted:
             group = sort_label(items)
             for item in group.ours:
+                entry = _entry(item, _missing_half(item, items))
+                if before_destroy is not None:
+                    before_destroy(entry)
                 with translate("destroy a half-made device key"):
                     item.obj.destroy()
-                sweep.removed.append(_entry(item, _missing_half(item, items)))
+                sweep.removed.append(entry)
             kept += [
                 _entry(i, "labelled like a device of this batch but not marked as provline's")
                 for i in group.foreign

@@ -2,27 +2,38 @@
 
 Devices move planned → intent → bundled → registered (or conflict / register_failed when the
 registration stage cannot finish them; ``failed`` is an issuance failure; the states are
-:class:`pipeline.vocabulary.DeviceState`). Every
-certificate serial is recorded as an *intent* (committed) before it is signed, and ends
-``issued`` (its bundle is durable), ``void`` (it may have been signed but its bundle is not
-durable: list it for revocation) or ``unused`` (the worker proved it was never signed).
+:class:`pipeline.vocabulary.DeviceState`). Every certificate serial is recorded as an
+*intent* (committed) before it is signed, and ends ``issued`` (its bundle is durable),
+``void`` (it may have been signed but its bundle is not durable: list it for revocation),
+``unused`` (the worker proved it was never signed; the device failed) or ``released`` (it
+never reached a signer: nothing to revoke, the device is planned again).
 
 The journal is written only by the orchestrating process, one transaction per chunk, in WAL
-mode with synchronous=FULL: a committed chunk survives a crash or power loss.
+mode with synchronous=FULL: a committed chunk survives a crash or power loss. A new batch is
+created whole (:meth:`Journal.create_batch`): its directory, journal, settings and plan are
+built under a temporary name and renamed into place, so a kill while creating leaves either
+no batch or a complete, resumable one. A full disk becomes
+:class:`~pipeline.errors.StorageError` and rolls the transaction back.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
 import os
+import secrets
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..crashpoint import crash_point
+from ..errors import InputError, StorageError
+from ..files import STORAGE_ERRNOS, STORAGE_RULE, storage_error, sync_directory
 from ..layout import JOURNAL, LOCK
 from ..registration.target import RegistrationOutcome
 from ..vocabulary import REWORK_STATES, DeviceState, SerialState
@@ -61,6 +72,10 @@ CREATE INDEX IF NOT EXISTS serials_device ON serials(registration_id);
 """
 
 
+PLANNED_COMPLETE = ("planned", "complete")  # the meta row that says the plan is whole
+CREATING = ".creating-"  # <output>/.<batch-id>.creating-<random>: a batch being built
+
+
 class Journal:
     def __init__(self, path: Path, conn: sqlite3.Connection, lock: int | None) -> None:
         self.path = path
@@ -76,11 +91,68 @@ class Journal:
         if not create and not path.exists():
             raise InputError(f"{batch_dir} has no {JOURNAL}", rule="a batch directory")
         lock = _lock(batch_dir) if create else None
-        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(_SCHEMA)
-        return cls(path, conn, lock)
+        try:
+            return cls(path, _connect(path), lock)
+        except BaseException:
+            if lock is not None:
+                os.close(lock)
+            raise
+
+    @classmethod
+    def create_batch(
+        cls,
+        batch_dir: Path,
+        meta: dict[str, str],
+        devices: Iterable[tuple[str, str, dict[str, Any]]],
+    ) -> Journal:
+        """Create a new batch whole: a directory with its lock, journal, settings and plan is
+        built as ``.<batch-id>.creating-<random>`` next to ``batch_dir``, synced and renamed
+        into place; the returned journal holds the batch lock. A kill at any point leaves no
+        batch (the next run removes the abandoned build) or a complete one. Raises
+        InputError if another run created the batch first."""
+        output = batch_dir.parent
+        try:
+            output.mkdir(parents=True, exist_ok=True)
+            _remove_abandoned(output, batch_dir)
+            building = output / f".{batch_dir.name}{CREATING}{secrets.token_hex(4)}"
+            building.mkdir()
+        except OSError as exc:
+            if exc.errno in STORAGE_ERRNOS:
+                raise storage_error(exc, output) from exc
+            raise
+        lock = None
+        try:
+            lock = _lock(building)
+            journal = cls(building / JOURNAL, _connect(building / JOURNAL), None)
+            try:
+                journal.set_meta(meta, label="create")
+                journal.plan(devices)
+            finally:
+                journal._db.close()
+            sync_directory(building)
+            try:
+                os.rename(building, batch_dir)  # replaces an empty directory, never a full one
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise InputError(
+                        f"{batch_dir} was created by another run meanwhile",
+                        rule="one run per batch at a time",
+                    ) from exc
+                raise
+            sync_directory(output)
+        except BaseException as exc:
+            if lock is not None:
+                os.close(lock)
+            shutil.rmtree(building, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+                raise storage_error(exc, building) from exc
+            raise
+        crash_point("batch.created")
+        try:
+            return cls(batch_dir / JOURNAL, _connect(batch_dir / JOURNAL), lock)
+        except BaseException:
+            os.close(lock)
+            raise
 
     @staticmethod
     def exists(batch_dir: Path) -> bool:
@@ -95,8 +167,12 @@ class Journal:
     def meta(self) -> dict[str, str]:
         return dict(self._db.execute("SELECT key, value FROM meta"))
 
-    def set_meta(self, values: dict[str, str]) -> None:
-        with self._tx():
+    def planned(self) -> bool:
+        """Whether the plan is whole (a batch created by :meth:`create_batch` always is)."""
+        return self.meta().get(PLANNED_COMPLETE[0]) == PLANNED_COMPLETE[1]
+
+    def set_meta(self, values: dict[str, str], label: str = "meta") -> None:
+        with self._tx(label):
             self._db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", values.items())
 
     # -- planning ----------------------------------------------------------------------
@@ -111,12 +187,21 @@ class Journal:
                 total += self._insert_planned(rows)
                 rows = []
         total += self._insert_planned(rows)
-        self.set_meta({"planned": "complete"})
+        self.set_meta(dict([PLANNED_COMPLETE]), label="planned")
         return total
+
+    def replan(
+        self, meta: dict[str, str], devices: Iterable[tuple[str, str, dict[str, Any]]]
+    ) -> None:
+        """Finish a batch that an older provline was killed while creating: nothing was
+        issued yet, so its half-written plan is discarded and made again."""
+        self.discard_plan()
+        self.set_meta(meta)
+        self.plan(devices)
 
     def _insert_planned(self, rows: list[tuple[int, str, str, str, float]]) -> int:
         if rows:
-            with self._tx():
+            with self._tx("plan"):
                 self._db.executemany(
                     "INSERT INTO devices (idx, registration_id, device_id, extra, state, updated)"
                     f" VALUES (?, ?, ?, ?, '{_PLANNED}', ?)",
@@ -126,7 +211,7 @@ class Journal:
 
     def discard_plan(self) -> None:
         """Forget a plan that a crash interrupted (only ever before the first intent)."""
-        with self._tx():
+        with self._tx("plan"):
             if self._db.execute("SELECT COUNT(*) FROM serials").fetchone()[0]:
                 raise InputError(
                     f"{self.path}: serials exist but the plan is incomplete",
@@ -153,7 +238,7 @@ class Journal:
     def record_intents(self, pairs: list[tuple[str, str]]) -> None:
         """(registration_id, serial) pairs become intents, durably, before any is signed."""
         now = time.time()
-        with self._tx():
+        with self._tx("intents"):
             self._db.executemany(
                 "INSERT INTO serials (serial, registration_id, state, updated) VALUES (?, ?, ?, ?)",
                 [(s, r, SerialState.INTENT.value, now) for r, s in pairs],
@@ -163,20 +248,19 @@ class Journal:
                 [(_INTENT, s, now, r) for r, s in pairs],
             )
 
-    def record_results(self, issued: list[IssuedBundle], not_issued: list[NotIssued]) -> None:
+    def record_results(
+        self,
+        issued: list[IssuedBundle],
+        not_issued: list[NotIssued],
+        released: Iterable[tuple[str, str]] = (),
+        released_reason: str = "",
+    ) -> None:
+        """One chunk's outcome in one transaction: bundled devices, failed devices (their
+        serial void or unused) and ``released`` (registration_id, serial) pairs the worker
+        never started (the serial is released, the device planned again)."""
         now = time.time()
-        with self._tx():
-            self._db.executemany(
-                "UPDATE serials SET state = ?, updated = ? WHERE serial = ?",
-                [(SerialState.ISSUED.value, now, i.serial) for i in issued],
-            )
-            self._db.executemany(
-                "UPDATE devices SET state = ?, detail = ?, updated = ? WHERE registration_id = ?",
-                [
-                    (_BUNDLED, json.dumps(i.to_json(), sort_keys=True), now, i.registration_id)
-                    for i in issued
-                ],
-            )
+        with self._tx("results"):
+            self._bundled(issued, now)
             self._db.executemany(
                 "UPDATE serials SET state = ?, reason = ?, updated = ? WHERE serial = ?",
                 [
@@ -196,28 +280,75 @@ class Journal:
                     for n in not_issued
                 ],
             )
+            self._release(released, released_reason, now)
 
-    def void_dangling(self, reason: str) -> list[tuple[str, str]]:
-        """Resume: intents with no durable bundle are voided and their devices planned again.
-        Returns the (registration_id, serial) pairs voided."""
+    def dangling(self) -> list[tuple[str, str]]:
+        """(registration_id, serial) of every device whose serial is an open intent: reserved,
+        maybe handed to a signer, no durable bundle recorded."""
+        return [
+            (r, s)
+            for r, s in self._db.execute(
+                "SELECT registration_id, serial FROM devices WHERE state = ? ORDER BY idx",
+                (_INTENT,),
+            )
+        ]
+
+    def _bundled(self, issued: Iterable[IssuedBundle], now: float) -> None:
+        issued = list(issued)
+        self._db.executemany(
+            "UPDATE serials SET state = ?, updated = ? WHERE serial = ?",
+            [(SerialState.ISSUED.value, now, i.serial) for i in issued],
+        )
+        self._db.executemany(
+            "UPDATE devices SET state = ?, detail = ?, updated = ? WHERE registration_id = ?",
+            [
+                (_BUNDLED, json.dumps(i.to_json(), sort_keys=True), now, i.registration_id)
+                for i in issued
+            ],
+        )
+
+    def settle(
+        self,
+        void: list[tuple[str, str]],
+        released: list[tuple[str, str]],
+        void_reason: str,
+        released_reason: str,
+        recovered: Iterable[IssuedBundle] = (),
+    ) -> None:
+        """Close open intents (see :meth:`dangling`) in one transaction: ``recovered``
+        bundles are whole on disk and become bundled; ``void`` serials may have been signed
+        (revoke them); ``released`` ones never reached a signer. The devices of the last two
+        are planned again, to be issued with new serials."""
         now = time.time()
-        with self._tx():
-            dangling = self._db.execute(
-                "SELECT registration_id, serial FROM devices WHERE state = ?", (_INTENT,)
-            ).fetchall()
+        with self._tx("settle"):
+            self._bundled(recovered, now)
             self._db.executemany(
-                "UPDATE serials SET state = ?, reason = ?, updated = ? WHERE serial = ?",
-                [(SerialState.VOID.value, reason, now, s) for _, s in dangling],
+                "UPDATE serials SET state = ?, reason = ?, updated = ? WHERE serial = ? "
+                "AND state = ?",
+                [(SerialState.VOID.value, void_reason, now, s, _INTENT) for _, s in void],
             )
-            self._db.execute(
-                "UPDATE devices SET state = ?, serial = NULL, updated = ? WHERE state = ?",
-                (_PLANNED, now, _INTENT),
+            self._db.executemany(
+                "UPDATE devices SET state = ?, serial = NULL, updated = ? "
+                "WHERE registration_id = ? AND serial = ?",
+                [(_PLANNED, now, r, s) for r, s in void],
             )
-        return [(r, s) for r, s in dangling]
+            self._release(released, released_reason, now)
+
+    def _release(self, pairs: Iterable[tuple[str, str]], reason: str, now: float) -> None:
+        pairs = list(pairs)
+        self._db.executemany(
+            "UPDATE serials SET state = ?, reason = ?, updated = ? WHERE serial = ? AND state = ?",
+            [(SerialState.RELEASED.value, reason, now, s, _INTENT) for _, s in pairs],
+        )
+        self._db.executemany(
+            "UPDATE devices SET state = ?, serial = NULL, updated = ? "
+            "WHERE registration_id = ? AND serial = ?",
+            [(_PLANNED, now, r, s) for r, s in pairs],
+        )
 
     def retry_failed(self) -> int:
         """Failed devices get another chance on the next run."""
-        with self._tx():
+        with self._tx("retry"):
             cur = self._db.execute(
                 "UPDATE devices SET state = ?, serial = NULL WHERE state = ?", (_PLANNED, _FAILED)
             )
@@ -241,7 +372,7 @@ class Journal:
 
     def record_registration(self, outcomes: list[RegistrationOutcome]) -> None:
         now = time.time()
-        with self._tx():
+        with self._tx("registration"):
             self._db.executemany(
                 "UPDATE devices SET state = ?, updated = ?, detail = json_set("
                 "COALESCE(detail, '{}'), '$.registration', json(?)) WHERE registration_id = ?",
@@ -307,8 +438,22 @@ class Journal:
     def total(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM devices").fetchone()[0])
 
-    def _tx(self) -> _Transaction:
-        return _Transaction(self._db)
+    def _tx(self, label: str) -> _Transaction:
+        return _Transaction(self._db, self.path, label)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(_SCHEMA)
+    except sqlite3.Error as exc:
+        storage = _sqlite_storage(exc, path)
+        if storage is None:
+            raise
+        raise storage from exc
+    return conn
 
 
 def _lock(batch_dir: Path) -> int:
@@ -323,12 +468,82 @@ def _lock(batch_dir: Path) -> int:
     return fd
 
 
+def _remove_abandoned(output: Path, batch_dir: Path) -> None:
+    """Remove what a kill while creating ``batch_dir`` left behind: unlocked
+    ``.<batch-id>.creating-*`` builds (nothing in them was ever issued), and a batch
+    directory holding only an unlocked lock file (an older provline's half-made batch)."""
+    for building in output.glob(f".{batch_dir.name}{CREATING}*"):
+        if building.is_dir() and _unlocked(building):
+            shutil.rmtree(building, ignore_errors=True)
+    only_a_lock = batch_dir.is_dir() and {p.name for p in batch_dir.iterdir()} == {LOCK}
+    if only_a_lock and _unlocked(batch_dir):
+        (batch_dir / LOCK).unlink()
+
+
+def _unlocked(directory: Path) -> bool:
+    """No live process holds ``directory``'s lock (an absent lock counts as unlocked only
+    once the directory is a minute old: its creator takes the lock right after mkdir)."""
+    try:
+        fd = os.open(directory / LOCK, os.O_RDWR)
+    except FileNotFoundError:
+        return time.time() - directory.stat().st_mtime > 60
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+# SQLite result codes (the low byte of an extended code) that mean the storage failed.
+_SQLITE_STORAGE = {13: "no space left on device", 10: "I/O error", 8: "read-only database"}
+
+
+def _sqlite_storage(exc: sqlite3.Error, path: Path) -> StorageError | None:
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    if code in _SQLITE_STORAGE:
+        return StorageError(_SQLITE_STORAGE[code], where=str(path), rule=STORAGE_RULE)
+    return None
+
+
 class _Transaction:
-    def __init__(self, db: sqlite3.Connection) -> None:
+    """BEGIN IMMEDIATE … COMMIT, rolled back on any exception; a commit that fails for lack
+    of space raises StorageError with nothing committed."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path, label: str) -> None:
         self._db = db
+        self._path = path
+        self._label = label
 
     def __enter__(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            storage = _sqlite_storage(exc, self._path)
+            if storage is None:
+                raise
+            raise storage from exc
 
-    def __exit__(self, kind: object, *_: object) -> None:
-        self._db.execute("ROLLBACK" if kind else "COMMIT")
+    def __exit__(self, kind: object, error: BaseException | None, *_: object) -> None:
+        if kind is None:
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                storage = _sqlite_storage(exc, self._path)
+                if storage is None:
+                    raise
+                raise storage from exc
+            crash_point(f"commit.{self._label}")
+            return
+        self._rollback()
+        if isinstance(error, sqlite3.Error):
+            storage = _sqlite_storage(error, self._path)
+            if storage is not None:
+                raise storage from error
+
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")

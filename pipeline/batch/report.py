@@ -1,5 +1,7 @@
 """``report.json`` and its human summary ``report.txt``: counts, per-stage time and throughput,
-failures with reasons, void serials to revoke, and the exit code (README "Exit codes")."""
+failures with reasons, void serials to revoke, released reservations, token objects the
+cleanup removed, why a run stopped, and the exit code (README "Exit codes"): the same code
+the process exits with."""
 
 from __future__ import annotations
 
@@ -11,14 +13,13 @@ from typing import Any
 
 from ..config.manifest import Manifest
 from ..config.station import Station
-from ..errors import CAError, RegistrationError
+from ..errors import UNEXPECTED_EXIT_CODE, CAError, RegistrationError
 from ..files import write_atomic
 from ..layout import REPORT, REPORT_TEXT
 from ..stats import StageStats
-from ..vocabulary import DeviceState, RegistrationMode
+from ..vocabulary import DeviceState, RegistrationMode, SerialState
 from .journal import Journal
 
-ABORTED_EXIT_CODE = 1
 SUMMARY_FAILURES = 20  # failures listed in report.txt; report.json lists up to 1,000
 
 
@@ -40,6 +41,7 @@ class Report:
     stages: dict[str, StageStats]
     failures: list[dict[str, str]] = field(default_factory=list)
     void_serials: list[dict[str, str]] = field(default_factory=list)
+    orphans_removed: list[dict[str, str]] = field(default_factory=list)  # this run's cleanup
     aborted: str | None = None
     complete: bool = False
     exit_code: int = 0
@@ -59,16 +61,14 @@ def build_report(
     resumed: bool,
     this_run: dict[str, int],
     aborted: str | None,
+    exit_code: int | None = None,
+    orphans_removed: list[dict[str, str]] | None = None,
 ) -> Report:
+    """``exit_code`` is the code of the error that stopped the run (or failed its sealing);
+    without one it follows from the device states."""
     counts = journal.counts()
-    if aborted:
-        exit_code = ABORTED_EXIT_CODE
-    elif counts.get(DeviceState.FAILED):
-        exit_code = CAError.exit_code
-    elif counts.get(DeviceState.CONFLICT) or counts.get(DeviceState.REGISTER_FAILED):
-        exit_code = RegistrationError.exit_code
-    else:
-        exit_code = 0
+    if exit_code is None:
+        exit_code = _exit_code(counts, aborted)
     done = (
         DeviceState.BUNDLED
         if manifest.registration is RegistrationMode.NONE
@@ -91,10 +91,21 @@ def build_report(
         stages=stages,
         failures=journal.failures(),
         void_serials=journal.voids(),
+        orphans_removed=list(orphans_removed or []),
         aborted=aborted,
         complete=set(counts) <= {done.value},
         exit_code=exit_code,
     )
+
+
+def _exit_code(counts: dict[str, int], aborted: str | None) -> int:
+    if aborted:
+        return UNEXPECTED_EXIT_CODE
+    if counts.get(DeviceState.FAILED):
+        return CAError.exit_code
+    if counts.get(DeviceState.CONFLICT) or counts.get(DeviceState.REGISTER_FAILED):
+        return RegistrationError.exit_code
+    return 0
 
 
 def summary(report: Report) -> str:
@@ -122,12 +133,31 @@ def summary(report: Report) -> str:
     lines.append("audit log: " + ("sealed" if seal.sealed else "NOT sealed"))
     for failure in report.failures[:SUMMARY_FAILURES]:
         lines.append(f"{failure['state']}: {failure['registration_id']}: {failure['reason']}")
+    if report.this_run.get("recovered"):
+        lines.append(
+            f"recovered: {report.this_run['recovered']} bundles a stopped run had finished "
+            "(whole on disk) recorded as issued"
+        )
     if report.void_serials:
         lines.append(
             f"void serials to revoke: {len(report.void_serials)} (see report.json void_serials)"
         )
+    released = report.serials.get(SerialState.RELEASED, 0)
+    if released:
+        lines.append(
+            f"released reservations: {released} (never reached a signer: nothing to revoke)"
+        )
+    if report.orphans_removed:
+        lines.append(f"token cleanup: {len(report.orphans_removed)} orphaned key objects removed")
+        for orphan in report.orphans_removed[:SUMMARY_FAILURES]:
+            lines.append(
+                f"  removed {orphan['object']} key {orphan['label'] or '(no label)'}: "
+                f"{orphan['why']}"
+            )
     if report.aborted:
         lines.append(f"aborted: {report.aborted} — run the same command again to resume")
+    if report.exit_code:
+        lines.append(f"exit code: {report.exit_code}")
     return "\n".join(lines) + "\n"
 
 

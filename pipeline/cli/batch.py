@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,7 @@ from ..batch.report import summary
 from ..batch.status import check_devices, status
 from ..config.manifest import load_manifest
 from ..config.station import load_station
-from ..errors import MechanismUnsupported, RegistrationError
+from ..errors import Interrupted, MechanismUnsupported, RegistrationError, exit_code_of
 from ..hsm.capabilities import format_report
 from ..registration.device import DeviceCheck
 from ..registration.stage import RegisterOptions
@@ -76,7 +77,12 @@ def run_cmd(
         int | None,
         typer.Option("--workers", min=1, max=64, help="Worker processes (default: station)."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print report.json to stdout.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print report.json to stdout; progress as JSON lines on stderr."
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress output.")] = False,
     replace: Annotated[
         bool,
@@ -102,8 +108,18 @@ def run_cmd(
             "--smoke", min=0, help="After the run, device-check N sampled devices (pkcs8)."
         ),
     ] = 0,
+    unreachable_deadline: Annotated[
+        float,
+        typer.Option(
+            "--unreachable-deadline",
+            min=1,
+            help="Seconds DPS / IoT Hub may give no answer before registration gives up "
+            "(the devices left end register_failed, exit 5).",
+        ),
+    ] = RegisterOptions.unreachable_deadline,
 ) -> None:
-    """Run a batch, or resume it if its batch directory already has a journal."""
+    """Run a batch, or resume it if its batch directory already has a journal. SIGINT and
+    SIGTERM stop it cleanly (report written, log sealed; exit 130 / 143)."""
     st = load_station(station)
     mf = load_manifest(manifest, batch_id=batch_id)
     options = RegisterOptions(
@@ -112,10 +128,20 @@ def run_cmd(
         operations_per_minute=operations_per_minute or st.dps.operations_per_minute,
         concurrency=st.dps.concurrency,
         bulk_size=st.dps.bulk_size,
+        unreachable_deadline=unreachable_deadline,
     )
-    result = run_batch(
-        mf, st, progress=for_terminal(quiet or as_json), workers=workers, register=options
-    )
+    try:
+        result = run_batch(
+            mf,
+            st,
+            progress=for_terminal(quiet, json_events=as_json),
+            workers=workers,
+            register=options,
+        )
+    except KeyboardInterrupt as exc:  # the run stopped cleanly; its report says so
+        name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+        print(f"stopped by {name}: run the same command again to resume", file=sys.stderr)
+        raise typer.Exit(exit_code_of(exc)) from exc
     if as_json:
         print(json.dumps(result.report.to_json(), indent=2, sort_keys=True, default=str))
     else:

@@ -397,3 +397,16 @@ def resolve_signer(
         pin = SecretRef.parse(uri.pin_source)
     token = open_token(uri.module_path or module_path, uri.token, pin, softhsm2_conf)
     return token, token.signer(label=uri.object, key_id=uri.id, needed_by=needed_by or str(uri))
+
+
+def forget_sessions() -> None:
+    """Drop this process's token sessions and re-initialise every module it loaded, so the
+    next :func:`open_token` sees the token directory afresh. For a worker retrying a start-up
+    that failed transiently (SoftHSM2 can report NoSuchToken or GeneralError while other
+    processes log in or after one was killed); never used while a session is in use."""
+    _TOKENS.clear()
+    for module_path in list(_LIB_CONF):
+        try:
+            pkcs11.lib(module_path).reinitialize()
+        except (p11e.PKCS11Error, OSError, RuntimeError):
+            _LIB_CONF.pop(module_path, None)  # load_module tries again from scratch

@@ -5,6 +5,9 @@
   minute per service, Microsoft Learn "Quotas and limits").
 * :func:`is_transient` and :func:`backoff`: 429, 5xx, connection errors and timeouts are
   retried with jittered exponential backoff, never sooner than the service's ``Retry-After``.
+* :class:`Reachability`: how long the service has given no answer at all (connections
+  refused, timed out, dropped). Past a deadline the stage gives up instead of retrying every
+  device for its own deadline: the devices end ``register_failed`` with the reason.
 
 The clock, the sleep and the random source are injectable, so the pacing logic is tested
 without waiting.
@@ -78,3 +81,44 @@ def backoff(
     if retry_after:
         return max(wait, retry_after + uniform(0, 0.25))
     return wait
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """A failure without any HTTP answer: the service is down or cannot be reached."""
+    return isinstance(exc, httpx.TransportError | ConnectionError | TimeoutError)
+
+
+class Unreachable(Exception):
+    """The service gave no answer for longer than the stage's deadline."""
+
+
+class Reachability:
+    """When the service last answered. ``failed`` starts (or continues) an outage;
+    ``answered`` ends it; an outage longer than ``deadline`` seconds is given up on."""
+
+    def __init__(self, deadline: float, *, clock: Clock = time.monotonic) -> None:
+        self.deadline = deadline
+        self._clock = clock
+        self.down_since: float | None = None
+        self.failures = 0
+        self.last_error = ""
+
+    def answered(self) -> None:
+        self.down_since = None
+        self.failures = 0
+
+    def failed(self, error: str) -> None:
+        if self.down_since is None:
+            self.down_since = self._clock()
+        self.failures += 1
+        self.last_error = error
+
+    @property
+    def gave_up(self) -> bool:
+        return self.down_since is not None and self._clock() - self.down_since >= self.deadline
+
+    def reason(self) -> str:
+        return (
+            f"unreachable for {self.deadline:.0f} s, {self.failures} failed attempts "
+            f"(last error: {self.last_error})"
+        )

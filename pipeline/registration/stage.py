@@ -5,7 +5,11 @@
   enrollments go in bulk calls of at most 10 (:mod:`.pacing`).
 * Retry (tenacity): 429, 5xx, connection errors and timeouts, with jittered exponential
   backoff that honours Retry-After, within a per-device and a per-stage deadline. Other 4xx
-  are final.
+  are final. Every retry is reported (count and last error) to the progress output.
+* Unreachable service: when no call gets any answer for ``unreachable_deadline`` seconds the
+  stage gives up and every device left ends ``register_failed`` with the reason. With
+  ``dps.emulator_dir`` the emulator's ``emulator.json`` is read again on a connection
+  failure, so an emulator restarted on other ports is used at once.
 * Idempotency: an existing enrollment or identity that matches counts as registered (so a
   retried call whose first attempt did land is harmless); a different one is a conflict,
   reported and left alone unless ``replace``.
@@ -16,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,18 +34,23 @@ from tenacity.stop import stop_base
 from ..ca.builders import Issuer, build_pop
 from ..ca.certs import pem, thumbprints
 from ..config.station import DEFAULT_CONCURRENCY, DEFAULT_OPERATIONS_PER_MINUTE, MAX_BULK_SIZE
-from ..errors import RegistrationError
+from ..errors import InputError, RegistrationError
 from ..stats import StageStats
 from ..vocabulary import DeviceState, RegistrationMode
 from .endpoints import Endpoints
 from .hub import HubRegistry
-from .pacing import TokenBucket, backoff, is_transient
+from .pacing import Reachability, TokenBucket, Unreachable, backoff, is_transient, is_unreachable
 from .preflight import preflight
 from .service import DpsService, ServiceError, attested_thumbprint, short_reason
 from .target import RegistrationOutcome, Target
 
 T = TypeVar("T")
 Record = Callable[[list[RegistrationOutcome]], None]
+OnRetry = Callable[[int, str], None]  # (retries so far, last error)
+
+# What a failed call can raise once retries are over: it becomes the device's reason.
+CALL_ERRORS = (ServiceError, httpx.HTTPError, OSError, Unreachable)
+REFRESH_EVERY = 1.0  # seconds between re-reads of emulator.json during an outage
 
 DPS_ENROLLMENT_EXISTS = 409201  # the bulk API's per-item code for an existing enrollment
 GROUP_RECORD_CHUNK = 1000  # group outcomes are journaled in chunks of this many devices
@@ -55,6 +65,7 @@ class RegisterOptions:
     bulk_size: int = MAX_BULK_SIZE
     device_deadline: float = 600.0  # seconds a device's calls may keep retrying
     stage_deadline: float = 3600.0
+    unreachable_deadline: float = 60.0  # seconds without any answer before giving up
 
 
 def _wait(state: RetryCallState) -> float:
@@ -70,6 +81,24 @@ class _StopAt(stop_base):
         return time.monotonic() >= self.deadline
 
 
+def describe(exc: BaseException) -> str:
+    """A failed call in one line, with the kind of failure when the message lacks it."""
+    if isinstance(exc, ServiceError):
+        return short_reason(exc)
+    text = f"{type(exc).__name__}: {short_reason(exc)}"
+    cause: BaseException | None = exc
+    while cause is not None:  # the system error underneath, e.g. "Connection refused"
+        if isinstance(cause, OSError) and cause.errno:
+            reason = os.strerror(cause.errno)
+            return text if reason in text else f"{text} ({reason})"
+        cause = cause.__cause__ or cause.__context__
+    return text
+
+
+class StageStopped(Exception):
+    """The run was asked to stop: calls end, nothing more is recorded."""
+
+
 class Stage:
     def __init__(
         self,
@@ -78,6 +107,10 @@ class Stage:
         options: RegisterOptions,
         issuer: Issuer,
         root: x509.Certificate,
+        *,
+        refresh: Callable[[], Endpoints] | None = None,
+        on_retry: OnRetry | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self.mode = mode
         self.endpoints = endpoints
@@ -88,25 +121,106 @@ class Stage:
         self.stage_ends = time.monotonic() + options.stage_deadline
         self.calls = 0
         self.retries = 0
+        self.reach = Reachability(options.unreachable_deadline)
+        self.gave_up = ""  # why the stage stopped calling an unreachable service
+        self._refresh = refresh
+        self._refreshed = 0.0
+        self._on_retry = on_retry
+        self._should_stop = should_stop or (lambda: False)
+        self._svc: DpsService | None = None
+        self._registry: HubRegistry | None = None
+        self._retired: list[DpsService] = []
+
+    # -- the clients, rebuilt when the endpoints move ----------------------------------------
+    @property
+    def svc(self) -> DpsService:
+        if self._svc is None:
+            self._svc = DpsService(self.endpoints, max_connections=max(4, self.options.concurrency))
+        return self._svc
+
+    @property
+    def registry(self) -> HubRegistry:
+        if self._registry is None:
+            self._registry = HubRegistry(self.endpoints)
+        return self._registry
+
+    async def aclose(self) -> None:
+        for svc in [*self._retired, *([self._svc] if self._svc else [])]:
+            await svc.aclose()
+
+    def _maybe_moved(self) -> None:
+        """On a connection failure, read the endpoints again (an emulator restarted on new
+        ports); at most once a second."""
+        now = time.monotonic()
+        if self._refresh is None or now - self._refreshed < REFRESH_EVERY:
+            return
+        self._refreshed = now
+        try:
+            fresh = self._refresh()
+        except InputError:
+            return  # emulator.json is being rewritten: keep trying the old endpoints
+        if fresh != self.endpoints:
+            self.endpoints = fresh
+            if self._svc is not None:
+                self._retired.append(self._svc)  # calls in flight finish on the old client
+            self._svc = None
+            self._registry = None
+
+    # -- calls ---------------------------------------------------------------------------------
+    def stopping(self) -> bool:
+        return self._should_stop()
+
+    def _check(self) -> None:
+        if self._should_stop():
+            raise StageStopped
+        if self.reach.gave_up:
+            self.gave_up = self.gave_up or f"gave up: the service is {self.reach.reason()}"
+            raise Unreachable(self.gave_up)
+
+    def _retryable(self, exc: BaseException) -> bool:
+        return is_transient(exc) and not isinstance(exc, Unreachable | StageStopped)
+
+    def _count_retry(self, state: RetryCallState) -> None:
+        self.retries += 1
+        exc = state.outcome.exception() if state.outcome else None
+        if self._on_retry is not None and exc is not None:
+            self._on_retry(self.retries, describe(exc))
+
+    async def _sleep(self, seconds: float) -> None:
+        """Back off, but wake up to stop or to give up."""
+        ends = time.monotonic() + seconds
+        while (left := ends - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, 0.25))
+            self._check()
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """One paced, retried API call."""
+        """One paced, retried API call. ``fn`` is called again on each attempt, so it uses
+        the current client (the endpoints may move between attempts)."""
         device_ends = min(self.stage_ends, time.monotonic() + self.options.device_deadline)
-
-        def count_retry(state: RetryCallState) -> None:
-            self.retries += 1
-
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception(is_transient),
+            retry=retry_if_exception(self._retryable),
             wait=_wait,
             stop=stop_any(_StopAt(device_ends)),
             reraise=True,
-            before_sleep=count_retry,
+            before_sleep=self._count_retry,
+            sleep=self._sleep,
         ):
             with attempt:
+                self._check()
                 await self.bucket.take()
+                self._check()  # the wait for a token may have been long
                 self.calls += 1
-                return await fn()
+                try:
+                    result = await fn()
+                except Exception as exc:
+                    if is_unreachable(exc):
+                        self.reach.failed(describe(exc))
+                        self._maybe_moved()
+                    else:
+                        self.reach.answered()  # an HTTP error is an answer
+                    raise
+                self.reach.answered()
+                return result
         raise AssertionError("unreachable")
 
     # -- individual enrollments -----------------------------------------------------------
@@ -128,9 +242,9 @@ class Stage:
     def _individual(self, t: Target, state: DeviceState, **detail: Any) -> RegistrationOutcome:
         return RegistrationOutcome(t.registration_id, state, RegistrationMode.INDIVIDUAL, **detail)
 
-    async def individual(self, svc: DpsService, chunk: list[Target]) -> list[RegistrationOutcome]:
+    async def individual(self, chunk: list[Target]) -> list[RegistrationOutcome]:
         result = await self.call(
-            lambda: svc.bulk("enrollments", "create", [self._enrollment(t) for t in chunk])
+            lambda: self.svc.bulk("enrollments", "create", [self._enrollment(t) for t in chunk])
         )
         errors = {e.get("registrationId"): e for e in result.get("errors", [])}
         outcomes = []
@@ -141,22 +255,22 @@ class Stage:
                     self._individual(t, DeviceState.REGISTERED, enrollment=t.registration_id)
                 )
             elif err.get("errorCode") == DPS_ENROLLMENT_EXISTS:
-                outcomes.append(await self._existing(svc, t))
+                outcomes.append(await self._existing(t))
             else:
                 reason = f"{err.get('errorCode')} {err.get('errorStatus', '')}".strip()
                 outcomes.append(self._individual(t, DeviceState.REGISTER_FAILED, reason=reason))
         return outcomes
 
-    async def _existing(self, svc: DpsService, t: Target) -> RegistrationOutcome:
+    async def _existing(self, t: Target) -> RegistrationOutcome:
         """An enrollment already exists: ours (same leaf) is success, another is a conflict."""
-        current = await self.call(lambda: svc.get("enrollments", t.registration_id))
+        current = await self.call(lambda: self.svc.get("enrollments", t.registration_id))
         found = attested_thumbprint(current, "clientCertificates")
         rid = t.registration_id
         if current is not None and found == thumbprints(t.leaf).sha256:
             return self._individual(t, DeviceState.REGISTERED, enrollment=rid, already=True)
         if current is not None and self.options.replace:
             await self.call(
-                lambda: svc.put("enrollments", rid, self._enrollment(t), etag=current["etag"])
+                lambda: self.svc.put("enrollments", rid, self._enrollment(t), etag=current["etag"])
             )
             return self._individual(t, DeviceState.REGISTERED, enrollment=rid, replaced=found)
         return self._individual(
@@ -170,7 +284,7 @@ class Stage:
     def group_id(self) -> str:
         return "provline-" + thumbprints(self.issuer.cert).sha256[:24].lower()
 
-    async def ensure_group(self, svc: DpsService) -> tuple[DeviceState, str]:
+    async def ensure_group(self) -> tuple[DeviceState, str]:
         """(state, reason): the group whose signing certificate is the issuer, enabled."""
         gid = self.group_id()
         body = {
@@ -185,15 +299,15 @@ class Stage:
                 },
             },
         }
-        current = await self.call(lambda: svc.get("enrollmentGroups", gid))
+        current = await self.call(lambda: self.svc.get("enrollmentGroups", gid))
         if current is None:
             try:
-                await self.call(lambda: svc.put("enrollmentGroups", gid, body))
+                await self.call(lambda: self.svc.put("enrollmentGroups", gid, body))
                 return DeviceState.REGISTERED, ""
             except ServiceError as exc:
                 if exc.status != 409:
                     raise
-                current = await self.call(lambda: svc.get("enrollmentGroups", gid))
+                current = await self.call(lambda: self.svc.get("enrollmentGroups", gid))
         same = (
             attested_thumbprint(current, "signingCertificates")
             == thumbprints(self.issuer.cert).sha256
@@ -204,24 +318,26 @@ class Stage:
                 f"enrollment group {gid} exists with another signing certificate",
             )
         if not same or current.get("provisioningStatus") != "enabled":
-            await self.call(lambda: svc.put("enrollmentGroups", gid, body, etag=current["etag"]))
+            await self.call(
+                lambda: self.svc.put("enrollmentGroups", gid, body, etag=current["etag"])
+            )
         return DeviceState.REGISTERED, ""
 
     # -- CA upload and proof of possession ----------------------------------------------------
-    async def upload_ca(self, svc: DpsService) -> None:
+    async def upload_ca(self) -> None:
         """Upload the issuing CA and prove possession with the HSM-held key. On Azure this is
         the management plane; where the endpoint has no certificate API it is reported."""
         name = "provline-" + thumbprints(self.issuer.cert).sha1[:16].lower()
-        record = await self.call(lambda: svc.upload_ca(name, pem(self.issuer.cert).decode()))
+        record = await self.call(lambda: self.svc.upload_ca(name, pem(self.issuer.cert).decode()))
         if record["properties"].get("isVerified"):
             return
-        code, etag = await self.call(lambda: svc.verification_code(name, record["etag"]))
+        code, etag = await self.call(lambda: self.svc.verification_code(name, record["etag"]))
         proof = build_pop(code, self.issuer.cert, self.issuer.key)
-        await self.call(lambda: svc.verify_ca(name, etag, pem(proof).decode()))
+        await self.call(lambda: self.svc.verify_ca(name, etag, pem(proof).decode()))
 
-    async def verified_thumbprints(self, svc: DpsService) -> set[str] | None:
+    async def verified_thumbprints(self) -> set[str] | None:
         try:
-            records = await self.call(svc.certificates)
+            records = await self.call(lambda: self.svc.certificates())
         except ServiceError as exc:
             if exc.status in (404, 405):
                 return None  # Azure: CA verification lives in ARM, not here
@@ -235,20 +351,31 @@ class Stage:
 
 async def run_stage(stage: Stage, targets: list[Target], record: Record) -> StageStats:
     """Register ``targets``; ``record`` is called with each finished group of outcomes (the
-    orchestrator journals and audits them)."""
+    orchestrator journals and audits them). A service that cannot be reached, or a set-up
+    call that fails (CA upload, enrollment group), ends every device left
+    ``register_failed`` with the reason; a stop request ends the stage early, recording
+    nothing more."""
     started = time.monotonic()
     mode = stage.mode
-    svc = DpsService(stage.endpoints, max_connections=max(4, stage.options.concurrency))
+    left = {t.registration_id: t for t in targets}
+
+    def recorded(outcomes: list[RegistrationOutcome]) -> None:
+        record(outcomes)
+        for outcome in outcomes:
+            left.pop(outcome.registration_id, None)
+
     try:
         if mode is RegistrationMode.HUB:
-            await _hub(stage, targets, record)
+            await _hub(stage, targets, recorded)
         else:
             if stage.options.upload_ca:
-                await stage.upload_ca(svc)
+                await _setup(stage, "CA upload and proof of possession", stage.upload_ca)
             verified = None
             leaf = targets[0].leaf
             if leaf.issuer != leaf.subject:  # groups too: DPS wants a verified CA in the chain
-                verified = await stage.verified_thumbprints(svc)
+                verified = await _setup(
+                    stage, "reading verified CA certificates", stage.verified_thumbprints
+                )
             must = stage.issuer.cert if mode is RegistrationMode.GROUP else None
             problems = preflight(targets, stage.root, must, verified)
             if problems:
@@ -257,11 +384,17 @@ async def run_stage(stage: Stage, targets: list[Target], record: Record) -> Stag
                     rule="chain pre-flight: devices DPS would refuse",
                 )
             if mode is RegistrationMode.GROUP:
-                await _group(stage, svc, targets, record)
+                await _group(stage, targets, recorded)
             else:
-                await _individuals(stage, svc, targets, record)
+                await _individuals(stage, targets, recorded)
+    except _SetupFailed as failed:
+        recorded([_failed(t, mode, failed.reason) for t in left.values()])
+    except StageStopped:
+        pass
     finally:
-        await svc.aclose()
+        await stage.aclose()
+    if stage.gave_up and left and not stage.stopping():
+        recorded([_failed(t, mode, stage.gave_up) for t in left.values()])
     seconds = time.monotonic() - started
     return StageStats(
         seconds=seconds,
@@ -272,26 +405,53 @@ async def run_stage(stage: Stage, targets: list[Target], record: Record) -> Stag
     )
 
 
+class _SetupFailed(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def _setup(stage: Stage, what: str, step: Callable[[], Awaitable[T]]) -> T:
+    try:
+        return await step()
+    except CALL_ERRORS as exc:
+        raise _SetupFailed(f"{what} failed: {short_reason(exc)}") from exc
+
+
+def _failed(t: Target, mode: RegistrationMode, reason: str) -> RegistrationOutcome:
+    return RegistrationOutcome(t.registration_id, DeviceState.REGISTER_FAILED, mode, reason=reason)
+
+
 async def _drain(
+    stage: Stage,
     items: list[T],
     concurrency: int,
     handle: Callable[[T], Awaitable[list[RegistrationOutcome]]],
     record: Record,
 ) -> None:
-    """``concurrency`` tasks take items until none are left, recording each result."""
+    """``concurrency`` tasks take items until none are left (or the stage gives up or is
+    stopped), recording each result."""
     queue: asyncio.Queue[T] = asyncio.Queue()
     for item in items:
         queue.put_nowait(item)
 
     async def worker() -> None:
-        while not queue.empty():
+        while not queue.empty() and not stage.gave_up:
+            if stage.stopping():
+                raise StageStopped
             record(await handle(queue.get_nowait()))
 
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    try:
+        await asyncio.gather(*tasks)
+    finally:  # one stopped or failed: the others stop too, recording nothing half-done
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _group(stage: Stage, svc: DpsService, targets: list[Target], record: Record) -> None:
-    state, reason = await stage.ensure_group(svc)
+async def _group(stage: Stage, targets: list[Target], record: Record) -> None:
+    state, reason = await _setup(stage, "enrollment group", stage.ensure_group)
     gid = stage.group_id()
     for i in range(0, len(targets), GROUP_RECORD_CHUNK):
         record(
@@ -304,31 +464,32 @@ async def _group(stage: Stage, svc: DpsService, targets: list[Target], record: R
         )
 
 
-async def _individuals(
-    stage: Stage, svc: DpsService, targets: list[Target], record: Record
-) -> None:
+async def _individuals(stage: Stage, targets: list[Target], record: Record) -> None:
     size = stage.options.bulk_size
 
     async def handle(chunk: list[Target]) -> list[RegistrationOutcome]:
         try:
-            return await stage.individual(svc, chunk)
-        except (ServiceError, httpx.HTTPError, OSError) as exc:
-            return [
-                RegistrationOutcome(
-                    t.registration_id,
-                    DeviceState.REGISTER_FAILED,
-                    RegistrationMode.INDIVIDUAL,
-                    reason=short_reason(exc),
-                )
-                for t in chunk
-            ]
+            return await stage.individual(chunk)
+        except CALL_ERRORS as exc:
+            return [_failed(t, RegistrationMode.INDIVIDUAL, short_reason(exc)) for t in chunk]
 
     chunks = [targets[i : i + size] for i in range(0, len(targets), size)]
-    await _drain(chunks, stage.options.concurrency, handle, record)
+    await _drain(stage, chunks, stage.options.concurrency, handle, record)
+
+
+def _ensure_ca_identity(stage: Stage, device_id: str) -> DeviceState:
+    """The IoT Hub call, in a thread; the SDK's connection failures become ConnectionError
+    so they are retried and counted like any other."""
+    from msrest.exceptions import ClientRequestError
+
+    try:
+        return stage.registry.ensure_ca_identity(device_id)
+    except ClientRequestError as exc:
+        raise ConnectionError(short_reason(exc)) from exc
 
 
 async def _hub(stage: Stage, targets: list[Target], record: Record) -> None:
-    registry = HubRegistry(stage.endpoints)
+    stage.registry  # noqa: B018  (made now: a missing hub connection string fails here, once)
 
     async def handle(t: Target) -> list[RegistrationOutcome]:
         def outcome(state: DeviceState, reason: str = "") -> list[RegistrationOutcome]:
@@ -344,12 +505,12 @@ async def _hub(stage: Stage, targets: list[Target], record: Record) -> None:
 
         try:
             state = await stage.call(
-                lambda: asyncio.to_thread(registry.ensure_ca_identity, t.device_id)
+                lambda: asyncio.to_thread(_ensure_ca_identity, stage, t.device_id)
             )
-        except (ServiceError, OSError, httpx.HTTPError) as exc:
+        except CALL_ERRORS as exc:
             return outcome(DeviceState.REGISTER_FAILED, short_reason(exc))
         if state is DeviceState.CONFLICT:
             return outcome(state, "identity exists with another authentication type")
         return outcome(state)
 
-    await _drain(targets, stage.options.concurrency, handle, record)
+    await _drain(stage, targets, stage.options.concurrency, handle, record)

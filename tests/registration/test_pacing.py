@@ -7,7 +7,14 @@ import asyncio
 import httpx
 import pytest
 
-from pipeline.registration.pacing import BACKOFF_CAP, TokenBucket, backoff, is_transient
+from pipeline.registration.pacing import (
+    BACKOFF_CAP,
+    Reachability,
+    TokenBucket,
+    backoff,
+    is_transient,
+    is_unreachable,
+)
 from pipeline.registration.service import ServiceError
 
 
@@ -74,3 +81,29 @@ def test_what_is_worth_retrying() -> None:
     assert not is_transient(ServiceError(409, 409201, "exists"))
     assert is_transient(httpx.ConnectError("refused"))
     assert not is_transient(ValueError("bug"))
+
+
+def test_an_outage_is_given_up_on_after_its_deadline_and_any_answer_ends_it() -> None:
+    clock = FakeClock()
+    reach = Reachability(60, clock=clock)
+    assert not reach.gave_up
+    reach.failed("ConnectError: refused")
+    clock.now += 59
+    reach.failed("ConnectError: refused again")
+    assert not reach.gave_up and reach.failures == 2
+    reach.answered()  # an HTTP error status is an answer too
+    clock.now += 120
+    assert not reach.gave_up
+    reach.failed("ConnectTimeout: timed out")
+    clock.now += 60
+    assert reach.gave_up
+    assert reach.reason() == (
+        "unreachable for 60 s, 1 failed attempts (last error: ConnectTimeout: timed out)"
+    )
+
+
+def test_only_failures_without_an_answer_count_as_unreachable() -> None:
+    request = httpx.Request("GET", "https://dps.example")
+    assert is_unreachable(httpx.ConnectError("refused", request=request))
+    assert is_unreachable(ConnectionRefusedError(111, "refused"))
+    assert not is_unreachable(ServiceError(503, None, "busy"))
