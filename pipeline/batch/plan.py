@@ -18,6 +18,7 @@ from ..config.manifest import Manifest
 from ..config.station import Station, station_secret_problems
 from ..errors import InputError, ProvlineError, ValidationFailed, shown
 from ..inputfile import MIB, read_input
+from ..layout import LOCK
 from ..registration.endpoints import resolve
 from ..registration.service import enrolled_thumbprints
 from ..vocabulary import Custody, DeviceState, RegistrationMode
@@ -153,7 +154,8 @@ def _output_problem(output: Path, batch_id: str) -> str | None:
                 return f"{output}: {batch_dir} is not writable"
             if not Journal.exists(batch_dir):
                 with os.scandir(batch_dir) as entries:
-                    if next(entries, None) is not None:
+                    # only a lock: a run an older provline killed while creating the batch
+                    if any(entry.name != LOCK for entry in entries):
                         return (
                             f"{output}: {batch_dir} exists, is not empty and has no journal "
                             "(a new batch starts in an empty directory)"

@@ -22,7 +22,6 @@ from pkcs11 import ObjectClass
 
 from pipeline import hsm
 from pipeline.batch.journal import Journal
-from pipeline.keyprofile import KeyProfile
 from pipeline.secret import SecretRef
 
 from ..support import (
@@ -493,16 +492,31 @@ def test_batches_an_older_provline_left_half_created_resume(
 
 # ------------------------------------------------------------ orphan removal (8)
 def test_orphan_removal_is_logged_first_and_shown(hsm_env: Hsm, ca_env: CA, tmp_path: Path) -> None:
+    """A half-made key of a device this batch attempted (what a kill inside
+    C_GenerateKeyPair leaves) is logged before it is destroyed, and shown on the console and
+    in both reports."""
     token = hsm.open_token(
         MODULE, hsm_env.token, SecretRef("file", str(hsm_env.pin_file)), str(hsm_env.conf)
     )
-    _, private = token.generate_keypair(KeyProfile.EC_P256, label="orphan-shown")
-    private.destroy()  # a public half alone, as a kill inside C_GenerateKeyPair leaves
     station = write_station(
         tmp_path / "s.yaml", hsm_env, ca_env, custody="retain", output=tmp_path / "out"
     )
     manifest = write_manifest(tmp_path / "m.yaml", "orphans-shown", "os-", 3)
     batch = tmp_path / "out" / "orphans-shown"
+    first = start_run(manifest, station, env=hsm_env.env(), logs=tmp_path / "logs")
+    assert first.wait() == 0, first.stderr
+    # os-00002 as a kill leaves it: an open intent, no complete bundle, only its public half
+    rid = "os-00002"
+    db = sqlite3.connect(batch / "journal.sqlite")
+    (serial,) = db.execute(
+        "SELECT serial FROM devices WHERE registration_id = ?", (rid,)
+    ).fetchone()
+    db.execute("UPDATE devices SET state = 'intent' WHERE registration_id = ?", (rid,))
+    db.execute("UPDATE serials SET state = 'intent' WHERE serial = ?", (serial,))
+    db.commit()
+    db.close()
+    (batch / rid / "device.json").unlink()
+    token.find(ObjectClass.PRIVATE_KEY, label=rid).destroy()
     killed = start_run(
         manifest, station, env=hsm_env.env(), logs=tmp_path / "logs", crash_at="logged.orphan:1"
     )
@@ -510,13 +524,12 @@ def test_orphan_removal_is_logged_first_and_shown(hsm_env: Hsm, ca_env: CA, tmp_
     assert any(e["event"] == "orphan_removed" for e in audit_events(batch))
     run = start_run(manifest, station, env=hsm_env.env(), logs=tmp_path / "logs")
     assert run.wait() == 0, run.stderr
-    shown = "token cleanup: removed orphaned public key orphan-shown (no private half)"
+    shown = f"token cleanup: removed orphaned public key {rid} (no private half)"
     assert shown in run.stderr
     report = json.loads((batch / "report.json").read_text())
-    assert {"object": "public", "label": "orphan-shown", "why": "no private half"} in report[
-        "orphans_removed"
-    ]
+    assert {"object": "public", "label": rid, "why": "no private half"} in report["orphans_removed"]
     text = (batch / "report.txt").read_text()
-    assert "orphaned key objects removed" in text and "orphan-shown" in text
-    assert "orphan-shown" not in [o.label for o in token.objects(ObjectClass.PUBLIC_KEY)]
+    assert "orphaned key objects removed" in text and rid in text
+    labels = [o.label for o in token.objects(ObjectClass.PUBLIC_KEY)]
+    assert labels.count(rid) == 1  # the new key's public half, the orphan is gone
     assert _verify(batch, ca_env).returncode == 0

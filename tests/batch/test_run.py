@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import stat
@@ -485,8 +484,7 @@ def test_foreign_keys_survive_retain_runs_resumes_and_orphan_cleanup(
     # (c) a device whose label another application's key now carries.
     a, b, c = "fk-00002", "fk-00004", "fk-00005"
     for rid in (a, b, c):
-        _set_state(first.batch_dir, rid, "intent")
-        shutil.rmtree(first.batch_dir / rid)  # killed before the bundle was durable
+        _set_state(first.batch_dir, rid, "intent")  # killed before the bundle was complete
     token.find(ObjectClass.PRIVATE_KEY, label=a).destroy()
     for obj in token.session.get_objects({Attribute.LABEL: b}):
         obj.destroy()
