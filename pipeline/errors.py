@@ -14,6 +14,8 @@ Exit codes (a stable contract for factory CI):
  4    CA / issuance error
  5    registration finished with failures (partial)
  6    audit verification failed
+ 7    a programming fixture refused a bundle (wrong transport key, damaged blob, key and
+      certificate do not match)
 ====  ==========================================================
 
 The HSM family shares the leading digit 3 so that a script can test ``code // 10 == 3``
@@ -91,3 +93,21 @@ class RegistrationError(ProvlineError):
 
 class AuditError(ProvlineError):
     exit_code = 6
+
+
+class DeliveryRefused(ProvlineError):
+    """A programming fixture refused to hand out a device key (docs/key-delivery.md): the
+    bundle names a transport key the fixture does not hold, a bundle file differs from what
+    ``device.json`` records, the blob does not unwrap, or the key does not match its
+    certificate. ``problems`` holds one line each when several bundles were refused at once."""
+
+    exit_code = 7
+
+    def __init__(
+        self, what: str, *, where: str = "", rule: str = "", problems: list[str] | None = None
+    ) -> None:
+        super().__init__(what, where=where, rule=rule)
+        self.problems = problems or []
+
+    def line(self) -> str:
+        return "\n".join(self.problems) if self.problems else super().line()

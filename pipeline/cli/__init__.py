@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from ..errors import ProvlineError
-from . import audit, batch, ca, emulator, hsm  # noqa: F401  (each registers its commands)
+from . import audit, batch, ca, emulator, export, fixture, hsm  # noqa: F401  (each registers its commands)
 from .app import app
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 from ..errors import InputError, ValidationFailed
 from ..hsm.token import DEFAULT_MODULE
+from ..hsm.transport import DEFAULT_OAEP_HASH, OAEP_HASHES
 from ..hsm.uri import Pkcs11Uri
 from ..keyprofile import PROFILE_NAMES, KeyProfile
 from ..secret import SecretRef
-from ..vocabulary import Custody
+from ..vocabulary import Custody, ExportFormat
 from .yamlfile import Checker, Mapping, load, sorted_by_line
 
 
@@ -68,6 +69,15 @@ class DpsConfig:
 
 
 @dataclass(frozen=True)
+class DeliveryConfig:
+    """Key delivery (docs/key-delivery.md): the flasher formats `provline run` and
+    `provline export` make, and the RSA-OAEP hash of the transport-key handover."""
+
+    exports: tuple[ExportFormat, ...] = ()
+    oaep_hash: str = DEFAULT_OAEP_HASH
+
+
+@dataclass(frozen=True)
 class Station:
     path: Path
     name: str
@@ -80,6 +90,7 @@ class Station:
     workers: int = 2
     chunk_size: int = 256
     dps: DpsConfig = field(default_factory=DpsConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
 
 
 def default_chunk_size(policy: Custody) -> int:
@@ -100,6 +111,7 @@ _TOP = {
     "workers",
     "chunk_size",
     "dps",
+    "delivery",
 }
 _DPS = {
     "emulator_dir",
@@ -273,6 +285,30 @@ class _Reader:
             )
         return dps
 
+    def delivery(self, doc: Mapping) -> DeliveryConfig:
+        """delivery.exports (flasher formats) and delivery.oaep_hash (transport-key handover)."""
+        check = self.check
+        section = check.section(doc, "delivery")
+        check.keys(section, {"exports", "oaep_hash"}, set(), "delivery.")
+        formats: list[ExportFormat] = []
+        for text in check.typed(section, "exports", list, []):
+            try:
+                formats.append(ExportFormat(text))
+            except ValueError:
+                check.add(
+                    section.line_of("exports"),
+                    f"unknown export format {text!r}",
+                    f"one of {', '.join(f.value for f in ExportFormat)}",
+                )
+        oaep_hash = check.typed(section, "oaep_hash", str, DEFAULT_OAEP_HASH)
+        if oaep_hash not in OAEP_HASHES:
+            check.add(
+                section.line_of("oaep_hash"),
+                f"delivery.oaep_hash {oaep_hash!r} is not one of {', '.join(OAEP_HASHES)}",
+                "RSA-OAEP hashes",
+            )
+        return DeliveryConfig(tuple(formats), oaep_hash)
+
 
 def load_station(path: Path) -> Station:
     """Load and check a station config; every problem is reported at once."""
@@ -294,6 +330,7 @@ def load_station(path: Path) -> Station:
         workers=read.bounded(doc, "workers", 2, 1, 64),
         chunk_size=read.bounded(doc, "chunk_size", default_chunk_size(custody.policy), 1, 10000),
         dps=read.dps(doc),
+        delivery=read.delivery(doc),
     )
     if check.problems:
         raise ValidationFailed(sorted_by_line(check.problems))
