@@ -109,5 +109,11 @@ class DeliveryRefused(ProvlineError):
         super().__init__(what, where=where, rule=rule)
         self.problems = problems or []
 
+    SHOWN = 20  # lines printed; the fixture log lists every refusal
+
     def line(self) -> str:
-        return "\n".join(self.problems) if self.problems else super().line()
+        if not self.problems:
+            return super().line()
+        more = len(self.problems) - self.SHOWN
+        tail = [f"... {more} more bundles refused (all in the fixture log)"] if more > 0 else []
+        return "\n".join(self.problems[: self.SHOWN] + tail)

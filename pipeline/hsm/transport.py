@@ -168,9 +168,9 @@ def oaep_param(hash_name: str) -> tuple[Mechanism, MGF, None]:
 
 
 def oaep_text(hash_name: str) -> str:
-    return (
-        f"{mechanism_name(Mechanism.RSA_PKCS_OAEP)}, {hash_name.upper()}, MGF1-{hash_name.upper()}"
-    )
+    """``CKM_RSA_PKCS_OAEP (0x9), SHA-256, MGF1-SHA-256``."""
+    spelled = hash_name.upper().replace("SHA", "SHA-")
+    return f"{mechanism_name(Mechanism.RSA_PKCS_OAEP)}, {spelled}, MGF1-{spelled}"
 
 
 def _bool_attribute(key: Any, attribute: Attribute) -> bool | None:
