@@ -8,7 +8,8 @@ tracked files. Everything runs on real SoftHSM2 tokens in bench-out/, deleted af
 docs/benchmarks.md says what each figure means.
 
 Suites (one module each, ``measure(ca_dir) -> dict``): batch throughput and memory
-(batch.py), registration against the emulator (registration.py).
+(batch.py), registration against the emulator (registration.py), key delivery at a
+programming fixture (fixture.py).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import json
 import shutil
 
 import batch
+import fixture
 import registration
 from common import OUT, QUICK, ROOT, WORKERS, machine, setup
 
-SUITES = [batch.measure, registration.measure]
+SUITES = [batch.measure, registration.measure, fixture.measure]
 
 
 def main() -> None:
