@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -126,9 +127,13 @@ def run_cmd(
     if smoke and result.exit_code == 0:
         _print_device_checks(check_devices(result.batch_dir, st, smoke), as_json=False)
     if st.delivery.exports and result.exit_code in (0, RegistrationError.exit_code):
-        made = export_batch(result.batch_dir, st.delivery.exports, load_cert(str(st.ca.root_cert)))
-        if not as_json:
-            print(f"exports: {made.out} ({', '.join(f.value for f in made.formats)})")
+        if st.audit is None:  # exports are made from a sealed batch only
+            print("exports: skipped (the batch is not sealed: no audit section)", file=sys.stderr)
+        else:
+            root = load_cert(str(st.ca.root_cert))
+            made = export_batch(result.batch_dir, st.delivery.exports, root)
+            if not as_json:
+                print(f"exports: {made.out} ({', '.join(f.value for f in made.formats)})")
     raise typer.Exit(result.exit_code)
 
 
