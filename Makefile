@@ -19,13 +19,15 @@ setup: tools $(STAMP)
 
 # SoftHSM2 (softhsm2-util, the module), OpenSC (pkcs11-tool), the openssl and curl CLIs,
 # OpenSSL's PKCS#11 engine (device checks of retained keys), and openCryptoki (pkcsslotd,
-# pkcsconf, its software token: the second PKCS#11 implementation the tests run on).
+# pkcsconf, its software token: the second PKCS#11 implementation the tests run on), and a C
+# compiler (the tests compile the C header `provline export` makes).
 tools:
 	@missing=""; \
 	command -v softhsm2-util >/dev/null || missing="$$missing softhsm2"; \
 	command -v pkcs11-tool >/dev/null || missing="$$missing opensc"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v cc >/dev/null || missing="$$missing gcc"; \
 	ls /usr/lib/*/engines-3/pkcs11.so >/dev/null 2>&1 || missing="$$missing libengine-pkcs11-openssl"; \
 	[ -x /usr/sbin/pkcsslotd ] || missing="$$missing opencryptoki"; \
 	if [ -n "$$missing" ]; then \

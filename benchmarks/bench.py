@@ -10,7 +10,7 @@ docs/benchmarks.md says what each figure means.
 Suites (one module each, ``measure(ca_dir) -> dict``): batch throughput and memory
 (batch.py), registration against the emulator (registration.py), manifest validation at the
 device limit (manifest.py), revocation, CRLs and inventory look-ups after the factory
-(lifecycle.py).
+(lifecycle.py), key delivery at a programming fixture (fixture.py).
 """
 
 from __future__ import annotations
@@ -20,12 +20,19 @@ import json
 import shutil
 
 import batch
+import fixture
 import lifecycle
 import manifest
 import registration
 from common import OUT, QUICK, ROOT, WORKERS, machine, setup
 
-SUITES = [batch.measure, registration.measure, manifest.measure, lifecycle.measure]
+SUITES = [
+    batch.measure,
+    registration.measure,
+    manifest.measure,
+    lifecycle.measure,
+    fixture.measure,
+]
 
 
 def main() -> None:

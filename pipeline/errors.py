@@ -16,6 +16,8 @@ Exit codes (a stable contract for factory CI):
  6    audit verification failed
  7    I/O failure: disk full, read-only or failing storage (the line names the path)
  130  interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM): the run was stopped cleanly
+ 8    a programming fixture refused a bundle (wrong transport key, damaged blob, key and
+      certificate do not match)
 ====  ==========================================================
 
 The HSM family shares the leading digit 3 so that a script can test ``code // 10 == 3``
@@ -206,3 +208,27 @@ def _rebuild(
     Exception.__init__(error, *args)
     error.__dict__.update(state)
     return error
+
+
+class DeliveryRefused(ProvlineError):
+    """A programming fixture refused to hand out a device key (docs/key-delivery.md): the
+    bundle names a transport key the fixture does not hold, a bundle file differs from what
+    ``device.json`` records, the blob does not unwrap, or the key does not match its
+    certificate. ``problems`` holds one line each when several bundles were refused at once."""
+
+    exit_code = 8
+
+    def __init__(
+        self, what: str, *, where: str = "", rule: str = "", problems: list[str] | None = None
+    ) -> None:
+        super().__init__(what, where=where, rule=rule)
+        self.problems = problems or []
+
+    SHOWN = 20  # lines printed; the fixture log lists every refusal
+
+    def line(self) -> str:
+        if not self.problems:
+            return super().line()
+        more = len(self.problems) - self.SHOWN
+        tail = [f"... {more} more bundles refused (all in the fixture log)"] if more > 0 else []
+        return "\n".join(self.problems[: self.SHOWN] + tail)

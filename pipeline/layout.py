@@ -33,3 +33,18 @@ INVENTORY = "inventory.sqlite"  # every certificate the station issued, indexed
 CRL_DIR = "crl"  # <issuer key id>.crl.pem: the cumulative CRL of each issuing CA
 RENEWALS_DIR = "renewals"  # <operation id>/<registration-id>/: bundles of renewed devices
 # the lifecycle log is AUDIT_LOG + AUDIT_SEAL in the lifecycle directory, locked by LOCK
+
+# Flasher formats made from a sealed batch (`provline export`, docs/key-delivery.md). The name
+# is upper-case so that it can never be a registration ID (those are lower-case), and it holds
+# no device.json of its own: the batch's audit log never covers it.
+EXPORTS = "EXPORTS"
+EXPORT_DEVICES = "devices"  # EXPORTS/devices/<registration-id>/...
+EXPORT_ARCHIVES = "archives"  # EXPORTS/archives/<registration-id>.tar.gz
+EXPORT_INDEX_CSV = "index.csv"
+EXPORT_INDEX_JSON = "index.json"
+
+# A programming fixture's directory (`provline fixture ...`); its log is AUDIT_LOG + AUDIT_SEAL.
+FIXTURE_JSON = "fixture.json"
+FIXTURE_REQUEST = "request.pem"
+FIXTURE_LOG_CERT = "log.cert.pem"  # the fixture log key's certificate, then its issuers
+FIXTURE_TRANSPORT_DIR = "transport"  # one <check value>.json per transport key it holds

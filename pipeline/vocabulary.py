@@ -83,6 +83,15 @@ class AuditEvent(StrEnum):
     HUB_IDENTITY_UPDATED = "hub_identity_updated"
     LIFECYCLE_STEP_FAILED = "lifecycle_step_failed"
     RECONCILE_FIXED = "reconcile_fixed"
+    # Key delivery logs (docs/key-delivery.md): a station's ceremony log and a programming
+    # fixture's log. Each starts with log_start, which names its kind.
+    LOG_START = "log_start"
+    FIXTURE_KEYPAIR = "fixture_keypair"  # fixture: its unwrap-only key pair and log key
+    FIXTURE_TRUSTED = "fixture_trusted"  # station: the SO imported a fixture key as trusted
+    TRANSPORT_HANDOVER = "transport_handover"  # station: transport key wrapped to a fixture
+    TRANSPORT_IMPORTED = "transport_imported"  # fixture: transport key unwrapped and checked
+    DELIVERED = "delivered"  # fixture: one device key handed to the flasher or kept
+    DELIVERY_REFUSED = "delivery_refused"  # fixture: a bundle it would not deliver
 
 
 # A registration outcome is a device state in the journal and an event in the audit log.
@@ -125,3 +134,22 @@ class CertificateStatus(StrEnum):
     @property
     def on_crl(self) -> bool:
         return self not in (CertificateStatus.ACTIVE, CertificateStatus.STAGED)
+
+
+class LogKind(StrEnum):
+    """What a log that starts with ``log_start`` records (its ``data.kind``)."""
+
+    STATION_CEREMONY = "station-ceremony"
+    FIXTURE = "fixture"
+
+
+class ExportFormat(StrEnum):
+    """What `provline export` makes for flashers and a MES from a sealed batch
+    (docs/key-delivery.md, "Flasher formats"); station config ``delivery.exports``."""
+
+    PEM = "pem"  # device and CA certificates, full chain, one PEM file each
+    DER = "der"  # the same certificates in DER, one file each
+    TLS_CHAIN = "tls-chain"  # leaf + issuing CA(s), no root: what a TLS client sends
+    C_HEADER = "c-header"  # const unsigned char arrays with lengths, for MCU firmware
+    ARCHIVE = "archive"  # one .tar.gz per device: its bundle and its formats
+    INDEX = "index"  # index.csv and index.json of the batch, for a MES

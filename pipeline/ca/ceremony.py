@@ -153,11 +153,16 @@ def proof_of_possession(
     return out
 
 
-def transport_key(token: str, label: str, defaults: HsmDefaults) -> tuple[str, TransportKeyCheck]:
-    """The station's AES-256 transport key (wrap/unwrap only, never extractable): its URI and
-    how bundles identify it (CKA_CHECK_VALUE, or the wrap check where the token has none).
-    Refuses a token that cannot generate it or wrap device keys with RFC 5649 before
-    creating anything."""
+def transport_key(
+    token: str, label: str, defaults: HsmDefaults, *, deliverable: bool = True
+) -> tuple[str, TransportKeyCheck]:
+    """The station's AES-256 transport key (wrap/unwrap only): its URI and how bundles identify
+    it (CKA_CHECK_VALUE, or the wrap check where the token has none). ``deliverable`` (the
+    default) makes it extractable only by wrapping under keys the token's security officer
+    trusts, so `provline ca transport-handover` can give it to a programming fixture
+    (docs/key-delivery.md); otherwise it never leaves the token. Refuses a token that cannot
+    generate it, restrict it to trusted wrapping, or wrap device keys with RFC 5649, before
+    creating anything (or, for a refused attribute, with nothing left)."""
     t = defaults.open(token)
     _, wrap = t.require(
         [
@@ -168,7 +173,7 @@ def transport_key(token: str, label: str, defaults: HsmDefaults) -> tuple[str, T
     assert wrap is not None
     t.require_free_label(ObjectClass.SECRET_KEY, label)
     with t.undo_on_failure() as created:
-        key = t.generate_transport_key(label, created)
+        key = t.generate_transport_key(label, created, deliverable=deliverable)
         check = identify_transport_key(t.session, key, wrap.mechanism)
     return str(hsm.Pkcs11Uri(token=token, object=label, type="secret-key")), check
 

@@ -15,7 +15,16 @@ from typing import NoReturn
 
 from ..errors import Interrupted, ProvlineError, exit_code_of
 from ..files import STORAGE_ERRNOS, storage_error
-from . import audit, batch, ca, emulator, hsm, lifecycle  # noqa: F401  (each registers its commands)
+from . import (  # noqa: F401  (each registers its commands)
+    audit,
+    batch,
+    ca,
+    emulator,
+    export,
+    fixture,
+    hsm,
+    lifecycle,
+)
 from .app import app
 
 

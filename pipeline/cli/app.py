@@ -25,7 +25,8 @@ hsm_app = typer.Typer(
     no_args_is_help=True,
 )
 ca_app = typer.Typer(
-    help="The CA hierarchy: root, intermediate, PoP, transport and audit keys.",
+    help="The CA hierarchy: root, intermediate, PoP, transport and audit keys; fixture trust "
+    "and the transport-key handover.",
     no_args_is_help=True,
 )
 audit_app = typer.Typer(help="Verify a batch's signed audit log offline.", no_args_is_help=True)

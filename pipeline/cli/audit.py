@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..audit.fixture_verify import is_delivery_log, verify_delivery_log
 from ..audit.lifecycle_verify import LifecycleSummary, is_lifecycle_log, verify_lifecycle
 from ..audit.verify import verify_batch
 from ..ca.certs import load_cert
@@ -17,7 +18,11 @@ from .app import JsonOpt, audit_app
 @audit_app.command("verify")
 def audit_verify_cmd(
     batch_dir: Annotated[
-        Path, typer.Argument(help="A batch directory, or a station lifecycle directory.")
+        Path,
+        typer.Argument(
+            help="A batch directory, a station lifecycle directory, a fixture directory or a "
+            "ceremony log directory."
+        ),
     ],
     root: Annotated[
         Path | None,
@@ -26,10 +31,18 @@ def audit_verify_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Check the signature, the signer chain, the hash chain, every bundle file, every serial
-    and report.json, offline. Exit 6 naming the first bad line or file."""
+    and report.json, offline. A fixture's or a station's key-delivery log (its first line is
+    log_start) gets the signature, chain and delivery checks. Exit 6 naming the first bad
+    line or file."""
     anchor = load_cert(str(root), where="--root") if root else None
     if is_lifecycle_log(batch_dir):  # a station lifecycle directory (docs/lifecycle.md)
         _print_lifecycle(verify_lifecycle(batch_dir, anchor), root, as_json)
+    elif is_delivery_log(batch_dir):  # a fixture's or a station's ceremony log
+        log = verify_delivery_log(batch_dir, anchor)
+        if as_json:
+            print(json.dumps({"verified": True, **log.as_dict()}, indent=2))
+        else:
+            print("\n".join(log.lines_for_terminal(root)))
         return
     summary = verify_batch(batch_dir, anchor)
     if as_json:

@@ -14,9 +14,11 @@ from ..batch.plan import check_inputs, dry_run
 from ..batch.progress import for_terminal
 from ..batch.report import summary
 from ..batch.status import check_devices, status
+from ..ca.certs import load_cert
 from ..config.manifest import load_manifest
 from ..config.station import load_station
 from ..errors import Interrupted, MechanismUnsupported, RegistrationError, exit_code_of
+from ..fixture.formats import export_batch
 from ..hsm.capabilities import format_report
 from ..registration.device import DeviceCheck
 from ..registration.stage import RegisterOptions
@@ -149,6 +151,14 @@ def run_cmd(
         print(f"output: {result.batch_dir}")
     if smoke and result.exit_code == 0:
         _print_device_checks(check_devices(result.batch_dir, st, smoke), as_json=False)
+    if st.delivery.exports and result.exit_code in (0, RegistrationError.exit_code):
+        if st.audit is None:  # exports are made from a sealed batch only
+            print("exports: skipped (the batch is not sealed: no audit section)", file=sys.stderr)
+        else:
+            root = load_cert(str(st.ca.root_cert))
+            made = export_batch(result.batch_dir, st.delivery.exports, root)
+            if not as_json:
+                print(f"exports: {made.out} ({', '.join(f.value for f in made.formats)})")
     raise typer.Exit(result.exit_code)
 
 

@@ -9,6 +9,9 @@ import typer
 
 from ..ca import ceremony
 from ..config.station import load_station
+from ..fixture import station as handover
+from ..hsm.transport import oaep_text
+from ..hsm.uri import Pkcs11Uri
 from ..keyprofile import KeyProfile
 from ..lifecycle.crl import publish_crl
 from ..secret import SecretRef
@@ -135,18 +138,121 @@ def ca_pop(
 def ca_transport_key(
     token: TokenOpt,
     label: LabelOpt = "transport",
+    never_extractable: Annotated[
+        bool,
+        typer.Option(
+            "--never-extractable",
+            help="A key that never leaves this token (no programming fixture can receive it).",
+        ),
+    ] = False,
     module: ModuleOpt = DEFAULT_MODULE,
     pin_source: PinOpt = DEFAULT_PIN,
     softhsm2_conf: ConfOpt = None,
 ) -> None:
-    """Create the station's AES-256 transport key (wrap/unwrap only, never extractable).
-    Refused, with nothing created, on a token without an RFC 5649 wrap mechanism."""
+    """Create an AES-256 transport key (wrap/unwrap only). By default it is extractable only
+    by wrapping under keys the security officer marked trusted (CKA_WRAP_WITH_TRUSTED), so
+    `ca transport-handover` can give it to a programming fixture; make a new one per month or
+    lot (docs/key-delivery.md). Refused, with nothing created, on a token without an RFC 5649
+    wrap mechanism or without trusted wrapping."""
     uri, check = ceremony.transport_key(
-        token, label, hsm_defaults(module, pin_source, softhsm2_conf)
+        token,
+        label,
+        hsm_defaults(module, pin_source, softhsm2_conf),
+        deliverable=not never_extractable,
     )
     print(f"transport key  {uri}")
     how = f"{check.method}, {check.mechanism}" if check.mechanism else check.method
     print(f"check value    {check.value} ({how})")
+    print(
+        "delivery       never extractable"
+        if never_extractable
+        else "delivery       extractable only by wrapping under trusted keys"
+    )
+
+
+LogDirOpt = Annotated[
+    Path,
+    typer.Option(
+        "--log-dir",
+        help="The station's ceremony log (a directory: audit.jsonl, sealed with the audit key).",
+    ),
+]
+RequestOpt = Annotated[
+    Path, typer.Option("--request", help="The fixture's request.pem (`provline fixture keypair`).")
+]
+
+
+@ca_app.command("trust-fixture")
+def ca_trust_fixture(
+    station: StationOpt,
+    request: RequestOpt,
+    fingerprint: Annotated[
+        str,
+        typer.Option(
+            "--fingerprint",
+            help="The unwrap key's SHA-256 the fixture printed, compared out of band.",
+        ),
+    ],
+    log_dir: LogDirOpt,
+    so_pin_source: Annotated[
+        str,
+        typer.Option("--so-pin-source", help="Security-officer PIN: env:NAME or file:PATH."),
+    ] = "env:PROVLINE_SO_PIN",
+) -> None:
+    """Security officer: import a programming fixture's RSA public key into the station token
+    as a trusted, wrap-only key (CKA_TRUSTED, set at creation by the SO only). The transport
+    key can then be wrapped under it and under nothing untrusted (docs/key-delivery.md)."""
+    trusted = handover.trust_fixture(
+        load_station(station),
+        request,
+        fingerprint,
+        SecretRef.parse(so_pin_source, where="--so-pin-source"),
+        log_dir,
+    )
+    state = "imported as trusted" if trusted.created else "already trusted"
+    print(f"fixture        {trusted.fixture}: {state}")
+    print(f"trusted key    {trusted.label} (CKA_ID {trusted.key_id.hex().upper()})")
+    print(f"fingerprint    {trusted.unwrap_key_sha256}")
+    print(f"logged         {log_dir}")
+
+
+@ca_app.command("transport-handover")
+def ca_transport_handover(
+    station: StationOpt,
+    request: RequestOpt,
+    out: Annotated[Path, typer.Option("--out", help="The handover file for the fixture (0600).")],
+    log_dir: LogDirOpt,
+    transport_key: Annotated[
+        str | None,
+        typer.Option(
+            "--transport-key", help="URI of the key to hand over (default: the station's)."
+        ),
+    ] = None,
+    oaep_hash: Annotated[
+        str | None,
+        typer.Option(
+            "--oaep-hash",
+            help="RSA-OAEP hash and MGF1 hash: sha256 (default, delivery.oaep_hash), sha384, "
+            "sha512, or sha1 (SoftHSM2 2.6 offers only sha1).",
+        ),
+    ] = None,
+) -> None:
+    """Wrap the station's transport key with RSA-OAEP under a fixture's trusted key and
+    certify the fixture's log key with the issuing CA; the handover file goes to the
+    fixture (`provline fixture import-transport`). Logged in the ceremony log."""
+    result = handover.hand_over(
+        load_station(station),
+        request,
+        out,
+        log_dir,
+        transport_key=Pkcs11Uri.parse(transport_key) if transport_key else None,
+        oaep_hash=oaep_hash,
+    )
+    print(f"handover       {out}  (to fixture {result.fixture})")
+    print(f"transport key  {result.transport_label}: {result.check.method} {result.check.value}")
+    print(f"wrapped with   {oaep_text(result.oaep_hash)}")
+    print(f"log cert       {result.log_certificate.subject.rfc4514_string()}")
+    print(f"logged         {log_dir}")
 
 
 @ca_app.command("audit-key")

@@ -10,11 +10,12 @@ from pathlib import Path
 
 from ..errors import InputError, ProvlineError, ValidationFailed, shown
 from ..hsm.token import DEFAULT_MODULE
+from ..hsm.transport import DEFAULT_OAEP_HASH, OAEP_HASHES
 from ..hsm.uri import Pkcs11Uri
 from ..inputfile import KIB
 from ..keyprofile import PROFILE_NAMES, KeyProfile
 from ..secret import SecretRef
-from ..vocabulary import Custody
+from ..vocabulary import Custody, ExportFormat
 from .yamlfile import Checker, Mapping, TooManyProblems, load, sorted_by_line
 
 
@@ -85,6 +86,15 @@ class LifecycleConfig:
 
 
 @dataclass(frozen=True)
+class DeliveryConfig:
+    """Key delivery (docs/key-delivery.md): the flasher formats `provline run` and
+    `provline export` make, and the RSA-OAEP hash of the transport-key handover."""
+
+    exports: tuple[ExportFormat, ...] = ()
+    oaep_hash: str = DEFAULT_OAEP_HASH
+
+
+@dataclass(frozen=True)
 class Station:
     path: Path
     name: str
@@ -98,6 +108,7 @@ class Station:
     chunk_size: int = 256
     dps: DpsConfig = field(default_factory=DpsConfig)
     lifecycle: LifecycleConfig = field(default_factory=LifecycleConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     lines: dict[str, int] = field(default_factory=dict, compare=False)  # "ca.chain" -> line
 
     def where(self, key: str) -> str:
@@ -135,6 +146,7 @@ _TOP = {
     "chunk_size",
     "dps",
     "lifecycle",
+    "delivery",
 }
 _DPS = {
     "emulator_dir",
@@ -340,6 +352,30 @@ class _Reader:
             crl_days=self.bounded(section, "crl_days", 7, 1, 366),
         )
 
+    def delivery(self, doc: Mapping) -> DeliveryConfig:
+        """delivery.exports (flasher formats) and delivery.oaep_hash (transport-key handover)."""
+        check = self.check
+        section = check.section(doc, "delivery")
+        check.keys(section, {"exports", "oaep_hash"}, set(), "delivery.")
+        formats: list[ExportFormat] = []
+        for text in check.typed(section, "exports", list, []):
+            try:
+                formats.append(ExportFormat(text))
+            except ValueError:
+                check.add(
+                    section.line_of("exports"),
+                    f"unknown export format {text!r}",
+                    f"one of {', '.join(f.value for f in ExportFormat)}",
+                )
+        oaep_hash = check.typed(section, "oaep_hash", str, DEFAULT_OAEP_HASH)
+        if oaep_hash not in OAEP_HASHES:
+            check.add(
+                section.line_of("oaep_hash"),
+                f"delivery.oaep_hash {oaep_hash!r} is not one of {', '.join(OAEP_HASHES)}",
+                "RSA-OAEP hashes",
+            )
+        return DeliveryConfig(tuple(formats), oaep_hash)
+
 
 def load_station(path: Path) -> Station:
     """Load and check a station config; every problem is reported at once."""
@@ -370,6 +406,7 @@ def _load_station(path: Path) -> Station:
         dps=read.dps(doc),
         lines=_lines(doc),
         lifecycle=read.lifecycle(doc),
+        delivery=read.delivery(doc),
     )
     if check.problems:
         raise ValidationFailed(sorted_by_line(check.problems))

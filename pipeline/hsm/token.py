@@ -41,7 +41,8 @@ from ..keyprofile import KeyProfile, PublicKey
 from ..secret import SecretRef
 from . import capabilities as caps_
 from .capabilities import Capabilities, Need, keygen_need, signing_need
-from .errormap import call, translate
+from .errormap import call, raise_mapped, translate
+from .names import return_value_name
 from .signers import HsmSigner, signer_for
 from .uri import Pkcs11Uri
 
@@ -210,9 +211,31 @@ class Token:
             call(obj.__setitem__, Attribute.ID, key_id)
         return signer_for(private_obj, public, self.capabilities().mechanisms(), needed_by)
 
-    def generate_transport_key(self, label: str, created: list[Any]) -> Any:
-        """AES-256 token key that can only wrap and unwrap; never extractable."""
-        with translate("generate the transport key", Mechanism.AES_KEY_GEN, "custody wrapped"):
+    def generate_transport_key(
+        self, label: str, created: list[Any], *, deliverable: bool = True
+    ) -> Any:
+        """AES-256 token key that can only wrap and unwrap, never modifiable.
+
+        ``deliverable`` (the default): extractable, but only by wrapping under a key the
+        token's security officer marked trusted (``CKA_WRAP_WITH_TRUSTED``, PKCS#11 v2.40 base
+        specification section 4.10): the key ``provline ca transport-handover`` gives to a
+        programming fixture (docs/key-delivery.md). A token that cannot make such a key is
+        refused, with nothing created, rather than given a key any wrapping key could
+        extract. Otherwise the key is never extractable and no fixture can ever unwrap what
+        it wraps."""
+        template: dict[Attribute, Any] = {
+            Attribute.SENSITIVE: True,
+            Attribute.EXTRACTABLE: deliverable,
+            Attribute.ENCRYPT: False,
+            Attribute.DECRYPT: False,
+            Attribute.SIGN: False,
+            Attribute.VERIFY: False,
+            Attribute.MODIFIABLE: False,
+        }
+        if deliverable:
+            template[Attribute.WRAP_WITH_TRUSTED] = True
+        operation = "generate the transport key"
+        try:
             key = self.session.generate_key(
                 KeyType.AES,
                 256,
@@ -220,13 +243,18 @@ class Token:
                 id=label.encode(),
                 store=True,
                 capabilities=MechanismFlag.WRAP | MechanismFlag.UNWRAP,
-                template={
-                    Attribute.SENSITIVE: True,
-                    Attribute.EXTRACTABLE: False,
-                    Attribute.ENCRYPT: False,
-                    Attribute.DECRYPT: False,
-                },
+                template=template,
             )
+        except _TEMPLATE_REFUSALS as exc:
+            if deliverable:
+                raise MechanismUnsupported(
+                    f"{operation}: token {self.label} refuses CKA_WRAP_WITH_TRUSTED "
+                    f"({return_value_name(exc)}), so it cannot limit who may extract the key",
+                    rule="docs/key-delivery.md, tokens without trusted wrapping",
+                ) from exc
+            raise_mapped(exc, operation, Mechanism.AES_KEY_GEN, "custody wrapped")
+        except p11e.PKCS11Error as exc:
+            raise_mapped(exc, operation, Mechanism.AES_KEY_GEN, "custody wrapped")
         created.append(key)
         return key
 
@@ -290,6 +318,13 @@ class Token:
         return {Attribute(k).name: v for k, v in values.items()}
 
 
+_TEMPLATE_REFUSALS = (
+    p11e.AttributeTypeInvalid,
+    p11e.AttributeValueInvalid,
+    p11e.AttributeReadOnly,
+    p11e.TemplateInconsistent,
+)
+
 _TOKENS: dict[tuple[str, str], Token] = {}
 _LIB_CONF: dict[str, str | None] = {}
 
@@ -325,17 +360,9 @@ def load_module(module_path: str, softhsm2_conf: str | None = None) -> Any:
     return lib
 
 
-def open_token(
-    module_path: str, label: str, pin: SecretRef, softhsm2_conf: str | None = None
-) -> Token:
-    """The process's one logged-in session on ``label``; opened on first use."""
-    key = (module_path, label)
-    if key in _TOKENS:
-        return _TOKENS[key]
-    lib = load_module(module_path, softhsm2_conf)
-    pin_value = pin.read(where=f"token {label}")
+def _find_token(lib: Any, module_path: str, label: str) -> Any:
     try:
-        token = lib.get_token(token_label=label)
+        return lib.get_token(token_label=label)
     except p11e.NoSuchToken as exc:
         raise TokenNotFound(
             f"no token labelled {label!r} in {module_path}",
@@ -347,6 +374,18 @@ def open_token(
         ) from exc
     except p11e.PKCS11Error as exc:
         raise HsmError(f"cannot list tokens: {type(exc).__name__}") from exc
+
+
+def open_token(
+    module_path: str, label: str, pin: SecretRef, softhsm2_conf: str | None = None
+) -> Token:
+    """The process's one logged-in session on ``label``; opened on first use."""
+    key = (module_path, label)
+    if key in _TOKENS:
+        return _TOKENS[key]
+    lib = load_module(module_path, softhsm2_conf)
+    pin_value = pin.read(where=f"token {label}")
+    token = _find_token(lib, module_path, label)
     try:
         session = token.open(rw=True, user_pin=pin_value)
     except p11e.PinLenRange as exc:
@@ -369,6 +408,44 @@ def open_token(
     opened = Token(module_path=module_path, label=label, session=session, lib=lib)
     _TOKENS[key] = opened
     return opened
+
+
+@contextmanager
+def so_session(
+    module_path: str, label: str, so_pin: SecretRef, softhsm2_conf: str | None = None
+) -> Iterator[Any]:
+    """A security-officer R/W session for the one step only the SO may take: creating a
+    trusted key (``CKA_TRUSTED`` is settable by the SO only, PKCS#11 v2.40 base specification
+    section 4.8). Login state belongs to the application, so the SO step must run before
+    this process opens its user session on the token; the SO is logged out when the block
+    ends, and the user session may then be opened."""
+    if (module_path, label) in _TOKENS:
+        raise HsmError(
+            f"token {label!r} already has a user session in this process",
+            rule="the security officer's step runs before any user step",
+        )
+    lib = load_module(module_path, softhsm2_conf)
+    pin_value = so_pin.read(where=f"SO PIN of token {label}")
+    token = _find_token(lib, module_path, label)
+    try:
+        session = token.open(rw=True, so_pin=pin_value)
+    except (p11e.PinIncorrect, p11e.PinInvalid, p11e.PinLenRange) as exc:
+        raise PinError(
+            f"wrong SO PIN for token {label!r} (not retried: the token counts failures)",
+            rule="security officer PIN",
+        ) from exc
+    except p11e.PinLocked as exc:
+        raise PinError(f"SO PIN of token {label!r} is locked", rule="SO PIN") from exc
+    except p11e.PKCS11Error as exc:
+        raise HsmError(
+            f"cannot open an SO session on token {label!r} ({return_value_name(exc)})",
+            rule="no other session of this application is logged in",
+        ) from exc
+    try:
+        yield session
+    finally:
+        with suppress(p11e.PKCS11Error):  # logs the SO out (C_CloseSession, then C_Logout)
+            session.close()
 
 
 def _pin_limits(module_path: str, token: Any) -> str:

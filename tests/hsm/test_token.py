@@ -178,9 +178,25 @@ def test_check_value_names_the_transport_key(hsm_env: Hsm, ca_env: CA) -> None:
     key = token.find(ObjectClass.SECRET_KEY, label="transport")
     assert len(hsm.check_value(key)) == 6
     attrs = token.attributes(
-        key, [Attribute.EXTRACTABLE, Attribute.SENSITIVE, Attribute.WRAP, Attribute.ENCRYPT]
+        key,
+        [
+            Attribute.EXTRACTABLE,
+            Attribute.WRAP_WITH_TRUSTED,
+            Attribute.SENSITIVE,
+            Attribute.WRAP,
+            Attribute.ENCRYPT,
+            Attribute.MODIFIABLE,
+        ],
     )
-    assert attrs == {"EXTRACTABLE": False, "SENSITIVE": True, "WRAP": True, "ENCRYPT": False}
+    # deliverable (the default): extractable only by wrapping under trusted keys
+    assert attrs == {
+        "EXTRACTABLE": True,
+        "WRAP_WITH_TRUSTED": True,
+        "SENSITIVE": True,
+        "WRAP": True,
+        "ENCRYPT": False,
+        "MODIFIABLE": False,
+    }
 
 
 def test_hsm_failures_give_one_line_and_distinct_exit_codes(tmp_path, ca_env: CA) -> None:
