@@ -59,28 +59,27 @@ def _aki(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
-_CA_USAGE = x509.KeyUsage(
-    digital_signature=False,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=True,
-    crl_sign=True,
-    encipher_only=False,
-    decipher_only=False,
-)
-_SIGNING_USAGE = x509.KeyUsage(
-    digital_signature=True,
-    content_commitment=False,
-    key_encipherment=False,
-    data_encipherment=False,
-    key_agreement=False,
-    key_cert_sign=False,
-    crl_sign=False,
-    encipher_only=False,
-    decipher_only=False,
-)
+def key_usage(*granted: str) -> x509.KeyUsage:
+    """A KeyUsage with only the named bits set (RFC 5280, section 4.2.1.3)."""
+    bits = (
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+        "encipher_only",
+        "decipher_only",
+    )
+    unknown = set(granted) - set(bits)
+    if unknown:
+        raise ValueError(f"unknown key usage {sorted(unknown)}")
+    return x509.KeyUsage(**{bit: bit in granted for bit in bits})
+
+
+_CA_USAGE = key_usage("key_cert_sign", "crl_sign")
+_SIGNING_USAGE = key_usage("digital_signature")
 
 
 def build_root(
@@ -174,17 +173,7 @@ def build_audit_signer(
 ) -> x509.Certificate:
     """Certificate of the station's audit-log signing key (digitalSignature + nonRepudiation)."""
     now = now or utcnow()
-    usage = x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=True,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=False,
-        crl_sign=False,
-        encipher_only=False,
-        decipher_only=False,
-    )
+    usage = key_usage("digital_signature", "content_commitment")
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
