@@ -277,6 +277,17 @@ def loopback_addresses(n: int = 2) -> list[str]:
     raise AssertionError(f"no free loopback address for 443/8883: {STANDARD_PORTS_REASON}")
 
 
+def emulator_dir(base: Path, **config: object) -> Path:
+    """``base/emu`` holding the emulator's config.json: free ports for DPS, its service API and
+    IoT Hub, and ``config`` on top (rates, ``assign_seconds``...)."""
+    data = base / "emu"
+    data.mkdir()
+    port, service, hub = free_ports(3)
+    settings = {"port": port, "service_port": service, "hub_port": hub, **config}
+    (data / "config.json").write_text(json.dumps(settings))
+    return data
+
+
 def start_emulator(data_dir: Path, *args: str, standard_ports: bool = False) -> Emu:
     """The emulator as a subprocess. ``standard_ports``: DPS and IoT Hub on 443 and 8883 of
     two private loopback addresses (what the device SDKs need; a restart keeps the

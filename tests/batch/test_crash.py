@@ -23,7 +23,7 @@ from ..support import (
     MODULE,
     Hsm,
     audit_events,
-    free_ports,
+    emulator_dir,
     group_gone,
     provline,
     serial_states,
@@ -181,12 +181,7 @@ def test_kill_at_random_moments_then_resume(
 def test_kill_while_registering_then_resume(hsm_env: Hsm, ca_env: CA, tmp_path: Path) -> None:
     """Kills between logging registration outcomes and committing them, and after a commit:
     every device ends registered, with one enrollment each, and the log verifies."""
-    data = tmp_path / "emu"
-    data.mkdir()
-    port, service, hub = free_ports(3)
-    (data / "config.json").write_text(
-        json.dumps({"port": port, "service_port": service, "hub_port": hub})
-    )
+    data = emulator_dir(tmp_path)
     emu = start_emulator(data)
     try:
         station = write_station(

@@ -30,6 +30,7 @@ from ..support import (
     Emu,
     Hsm,
     audit_events,
+    emulator_dir,
     free_ports,
     group_gone,
     make_ca,
@@ -302,12 +303,7 @@ def test_an_emulator_restarted_on_other_ports_is_picked_up(
 
 
 def test_sigterm_while_registering_stops_cleanly(hsm_env: Hsm, ca_env: CA, tmp_path: Path) -> None:
-    data = tmp_path / "emu"
-    data.mkdir()
-    port, service, hub = free_ports(3)
-    (data / "config.json").write_text(
-        json.dumps({"port": port, "service_port": service, "hub_port": hub})
-    )
+    data = emulator_dir(tmp_path)
     emu = start_emulator(data)
     try:
         station = write_station(

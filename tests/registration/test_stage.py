@@ -16,28 +16,14 @@ from pipeline.errors import RegistrationError
 from pipeline.registration.stage import RegisterOptions
 from pipeline.run import run_batch
 
-from ..support import CA, Emu, Hsm, free_ports, provline, start_emulator, write_station
+from ..support import CA, Emu, Hsm, emulator_dir, provline, start_emulator, write_station
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def emu(tmp_path: Path) -> Any:
-    data = tmp_path / "emu"
-    data.mkdir()
-    port, service, hub = free_ports(3)
-    (data / "config.json").write_text(
-        json.dumps(
-            {
-                "port": port,
-                "service_port": service,
-                "hub_port": hub,
-                "assign_seconds": 0.1,
-                "retry_after": 1,
-            }
-        )
-    )
-    e = start_emulator(data)
+    e = start_emulator(emulator_dir(tmp_path, assign_seconds=0.1, retry_after=1))
     yield e
     if e.proc.poll() is None:
         e.stop()
