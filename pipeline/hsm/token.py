@@ -264,10 +264,11 @@ class Token:
             return bytes(wrapping_key.wrap_key(key, mechanism=mechanism))
 
     def count_objects(self, skip_public: bool = False) -> int:
-        """Objects this session can see (public ones and the user's private ones); other
-        users' private objects on a shared partition are not counted."""
+        """Token objects this session can see (public ones and the user's private ones);
+        other users' private objects on a shared partition are not counted, nor session
+        objects (they vanish with their session and are not what fills a token)."""
         with translate("list objects"):
-            objects = list(self.session.get_objects({}))
+            objects = list(self.session.get_objects({Attribute.TOKEN: True}))
         if skip_public:
             return sum(1 for o in objects if o.object_class != ObjectClass.PUBLIC_KEY)
         return len(objects)
