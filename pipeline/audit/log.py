@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 
 from ..ca.builders import signing_hash
+from ..ca.certs import thumbprints
 from ..crashpoint import crash_point
 from ..errors import AuditError, StorageError
 from ..files import STORAGE_RULE, storage_error, write_all, write_atomic
@@ -154,6 +155,21 @@ class AuditLog:
                 self.flush()
         finally:
             os.close(self._fd)
+
+    def sign_off(
+        self, signer: PrivateKey, cert: x509.Certificate, chain: list[x509.Certificate]
+    ) -> Path:
+        """End a session of writing: a ``seal`` line naming the signer, then :meth:`seal`.
+        Every provline log ends this way when it is sealed, so a verifier can tell a sealed
+        log from one cut short after a signature."""
+        self.append(
+            AuditEvent.SEAL,
+            data={
+                "signer": cert.subject.rfc4514_string(),
+                "signer_sha256": thumbprints(cert).sha256,
+            },
+        )
+        return self.seal(signer, cert, chain)
 
     def seal(
         self, signer: PrivateKey, cert: x509.Certificate, chain: list[x509.Certificate]

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import locks
 from ..crashpoint import crash_point
 from ..errors import InputError, StorageError
 from ..files import STORAGE_ERRNOS, STORAGE_RULE, storage_error, sync_directory
@@ -457,15 +458,9 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 def _lock(batch_dir: Path) -> int:
-    fd = os.open(batch_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
-        os.close(fd)
-        raise InputError(
-            f"{batch_dir} is being run by another process", rule="one run per batch at a time"
-        ) from exc
-    return fd
+    return locks.hold(
+        batch_dir, f"{batch_dir} is being run by another process", "one run per batch at a time"
+    )
 
 
 def _remove_abandoned(output: Path, batch_dir: Path) -> None:

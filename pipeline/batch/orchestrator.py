@@ -772,9 +772,5 @@ def _seal(ctx: _Context, audit: AuditLog, progress: ProgressSink) -> bool:
         progress.log("audit log not sealed: the station config has no audit section")
         return False
     cert = load_cert(str(ctx.station.audit.cert))
-    audit.append(
-        AuditEvent.SEAL,
-        data={"signer": cert.subject.rfc4514_string(), "signer_sha256": thumbprints(cert).sha256},
-    )
-    audit.seal(ctx.audit_signer, cert, list(ctx.chain.certs))
+    audit.sign_off(ctx.audit_signer, cert, list(ctx.chain.certs))
     return True

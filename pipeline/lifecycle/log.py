@@ -11,7 +11,6 @@ in the lifecycle directory, dropped by the kernel when the process dies).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import socket
@@ -19,14 +18,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .. import __version__
+from .. import __version__, locks
 from ..audit.log import AuditLog, Event
 from ..batch.signing import open_signer
 from ..ca.certs import common_name, load_cert, require_key_matches, thumbprints
 from ..ca.chain import Chain, load_chain
 from ..config.station import Station
 from ..errors import CAError, InputError, ProvlineError
-from ..layout import LOCK
 from ..vocabulary import AuditEvent
 from .paths import lifecycle_dir, log_path
 
@@ -44,7 +42,7 @@ class StationLog:
         self.station = station
         self.dir = lifecycle_dir(station)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = _lock(self.dir)
+        self._lock = lock(self.dir)
         try:
             self.chain: Chain = load_chain(station)
             self.cert = load_cert(str(station.audit.cert), where=f"{station.path}: audit.cert")
@@ -91,14 +89,7 @@ class StationLog:
         the next lifecycle command seals."""
         sealed = False
         try:
-            self.log.append(
-                AuditEvent.SEAL,
-                data={
-                    "signer": self.cert.subject.rfc4514_string(),
-                    "signer_sha256": thumbprints(self.cert).sha256,
-                },
-            )
-            self.log.seal(self.signer, self.cert, list(self.chain.certs))
+            self.log.sign_off(self.signer, self.cert, list(self.chain.certs))
             sealed = True
         except ProvlineError as exc:
             note(f"lifecycle log not sealed: {exc.line()}")
@@ -117,14 +108,10 @@ def events_since(path: Path, offset: int) -> Iterator[dict[str, Any]]:
                 yield json.loads(raw)
 
 
-def _lock(directory: Path) -> int:
-    fd = os.open(directory / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
-        os.close(fd)
-        raise InputError(
-            f"{directory} is in use by another lifecycle command",
-            rule="one lifecycle command per station at a time",
-        ) from exc
-    return fd
+def lock(directory: Path) -> int:
+    """Hold the lifecycle directory: one lifecycle command per station at a time."""
+    return locks.hold(
+        directory,
+        f"{directory} is in use by another lifecycle command",
+        "one lifecycle command per station at a time",
+    )

@@ -32,7 +32,7 @@ from ..layout import AUDIT_LOG, DEVICE_CERT, DEVICE_JSON
 from ..vocabulary import REGISTRATION_STATES, AuditEvent, DeviceState
 from .crl import sync_batch
 from .inventory import Inventory, issuer_key_id
-from .log import _lock
+from .log import lock
 from .operation import OPEN, Handler, Operation
 from .paths import crl_path, inventory_path, lifecycle_dir
 from .promote import PROMOTE_HANDLERS
@@ -56,7 +56,7 @@ def rebuild(
     anchor = load_cert(str(root or station.ca.root_cert), where="--root")
     directory = lifecycle_dir(station)
     directory.mkdir(parents=True, exist_ok=True)
-    lock = _lock(directory)
+    held = lock(directory)
     try:
         target = inventory_path(station)
         _refuse_open_operation(target)
@@ -92,7 +92,7 @@ def rebuild(
             **counts,
         }
     finally:
-        os.close(lock)
+        os.close(held)
 
 
 def _db_files(path: Path) -> list[Path]:
