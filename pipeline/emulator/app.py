@@ -65,6 +65,9 @@ class Config:
     quota_window_seconds: float = 60.0  # the quotas are per minute; tests shorten this
     assign_seconds: float = 2.0  # how long a registration stays "assigning"
     retry_after: int = 3  # the Retry-After sent with 202 assigning
+    # False: like Azure, whose CA certificates are Azure Resource Manager resources, the
+    # service endpoint serves no /certificates (404); CAs stay verified as they were.
+    certificate_api: bool = True
 
 
 def _now() -> str:
@@ -249,6 +252,8 @@ class Emulator:
     # ======================================================================= DPS service
     def service_api(self, request: Request) -> Response:
         if request.path[:1] == ["certificates"]:
+            if not self.config.certificate_api:
+                return error(404, 404000, "no such operation")
             return self._certificates(request)
         denied = self._sas(request, self.service_host, "provisioningserviceowner")
         if denied:

@@ -46,3 +46,38 @@ class HubRegistry:
             if existing.authentication.type == "certificateAuthority"
             else DeviceState.CONFLICT
         )
+
+    def auth_type(self, device_id: str) -> str | None:
+        """The authentication type of the identity ``device_id`` (``sas``, ``selfSigned``,
+        ``certificateAuthority``), None when there is none (read-only)."""
+        from msrest.exceptions import HttpOperationError
+
+        try:
+            device = self._manager.get_device(device_id)
+        except HttpOperationError as exc:
+            status = exc.response.status_code if exc.response is not None else 0
+            if status == 404:
+                return None
+            retry = exc.response.headers.get("Retry-After") if exc.response else None
+            raise ServiceError(status, None, str(exc), float(retry) if retry else None) from exc
+        auth = device.authentication
+        return str(auth.type) if auth is not None else ""
+
+    def identities_page(
+        self, continuation: str | None, page_size: int
+    ) -> tuple[dict[str, str], str | None]:
+        """One page of the identity registry as the twin query returns it (device id →
+        authentication type) and the continuation of the next page, if any (read-only)."""
+        from azure.iot.hub.models import QuerySpecification
+        from msrest.exceptions import HttpOperationError
+
+        try:
+            result = self._manager.query_iot_hub(
+                QuerySpecification(query="SELECT * FROM devices"), continuation, str(page_size)
+            )
+        except HttpOperationError as exc:
+            status = exc.response.status_code if exc.response is not None else 0
+            retry = exc.response.headers.get("Retry-After") if exc.response else None
+            raise ServiceError(status, None, str(exc), float(retry) if retry else None) from exc
+        items = {str(t.device_id): str(t.authentication_type or "") for t in result.items or []}
+        return items, result.continuation_token or None
