@@ -360,6 +360,9 @@ def _prove_ca(run: _Run, options: RegisterOptions) -> None:
         ]
     )
     run.audit.flush()
+    if run.ctx.registration is not None:  # the report says what holds now
+        run.ctx.registration.ca = CaState.VERIFIED
+        run.ctx.registration.ca_detail = f"{proof.subject}: uploaded and proven by this run"
     run.progress.log(
         f"CA {proof.subject} uploaded to {endpoints.service} and verified by proof of "
         "possession (the key stayed in the HSM)"
