@@ -71,7 +71,7 @@ from ..layout import (
 )
 from ..lifecycle.inventory import record_batch
 from ..registration.endpoints import Endpoints, resolve
-from ..registration.precheck import CaState, Precheck, upload_and_prove
+from ..registration.precheck import CaProof, CaState, Precheck, upload_and_prove
 from ..registration.stage import RegisterOptions, Stage, run_stage
 from ..registration.target import RegistrationOutcome, load_targets
 from ..serials import serial_hex
@@ -173,7 +173,14 @@ def run_batch(
     ctx = _plan(manifest, station, options, operator)
     with StopSignals() as stop:
         journal, resumed = _open_batch(ctx)
-        stages: dict[str, StageStats] = {"plan": StageStats(seconds=time.monotonic() - clock)}
+        checked = ctx.registration  # the pre-issue check's DPS / IoT Hub calls
+        stages: dict[str, StageStats] = {
+            "plan": StageStats(
+                seconds=time.monotonic() - clock,
+                calls=checked.calls if checked is not None else None,
+                retries=checked.retries if checked is not None else None,
+            )
+        }
         reserve = SpaceReserve(ctx.batch_dir / SPACE_RESERVE, SPACE_RESERVE_BYTES)
         run: _Run | None = None
         failure: BaseException | None = None
@@ -182,7 +189,10 @@ def run_batch(
             run = _Run(ctx, journal, AuditLog(ctx.batch_dir / AUDIT_LOG), progress, stop, reserve)
             _start_events(run, resumed)
             if ctx.registration is not None and ctx.registration.ca is CaState.WILL_UPLOAD:
-                _prove_ca(run, options)  # before the first certificate is signed
+                proof = _prove_ca(run, options)  # before the first certificate is signed
+                plan = stages["plan"]
+                plan.calls = (plan.calls or 0) + proof.calls
+                plan.retries = (plan.retries or 0) + proof.retries
                 options = replace(options, upload_ca=False)
             if station.custody.policy is Custody.PKCS8:
                 warn_pkcs8()
@@ -332,7 +342,7 @@ def _seal_run(
     return late
 
 
-def _prove_ca(run: _Run, options: RegisterOptions) -> None:
+def _prove_ca(run: _Run, options: RegisterOptions) -> CaProof:
     """``--upload-ca``: upload the issuing CA and prove possession of its HSM-held key before
     the first certificate is signed; both steps are logged."""
     endpoints = resolve(run.ctx.station.dps)
@@ -367,6 +377,7 @@ def _prove_ca(run: _Run, options: RegisterOptions) -> None:
         f"CA {proof.subject} uploaded to {endpoints.service} and verified by proof of "
         "possession (the key stayed in the HSM)"
     )
+    return proof
 
 
 # ---------------------------------------------------------------------------------- plan

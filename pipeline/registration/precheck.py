@@ -110,6 +110,7 @@ class Precheck:
     refusals: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     calls: int = 0
+    retries: int = 0  # of those calls, retried after a fault, a throttle or a timeout
 
     @property
     def ok(self) -> bool:
@@ -142,6 +143,7 @@ class Precheck:
             "refusals": self.refusals,
             "notes": self.notes,
             "calls": self.calls,
+            "retries": self.retries,
         }
 
     def refusal(self) -> RegistrationRefused:
@@ -167,6 +169,8 @@ class CaProof:
     sha1: str
     sha256: str
     proven: bool  # False: the endpoint marked it verified on upload
+    calls: int = 0  # DPS calls the upload and proof made
+    retries: int = 0  # of those, retried after a fault, a throttle or a timeout
 
 
 def ca_name(issuer: x509.Certificate) -> str:
@@ -224,7 +228,7 @@ async def _check(
             rule="pre-issue registration check (nothing was signed; run again when it answers)",
         ) from exc
     finally:
-        result.calls = stage.calls
+        result.calls, result.retries = stage.calls, stage.retries
         await stage.aclose()
     return result
 
@@ -499,11 +503,13 @@ def upload_and_prove(endpoints: Endpoints, options: RegisterOptions, issuer: Iss
         prints = thumbprints(issuer.cert)
         try:
             record = await stage.call(lambda: stage.svc.upload_ca(name, pem(issuer.cert).decode()))
-            if record["properties"].get("isVerified"):
-                return CaProof(name, common_name(issuer.cert), prints.sha1, prints.sha256, False)
-            code, etag = await stage.call(lambda: stage.svc.verification_code(name, record["etag"]))
-            proof = build_pop(code, issuer.cert, issuer.key)
-            await stage.call(lambda: stage.svc.verify_ca(name, etag, pem(proof).decode()))
+            proven = not record["properties"].get("isVerified")
+            if proven:
+                code, etag = await stage.call(
+                    lambda: stage.svc.verification_code(name, record["etag"])
+                )
+                proof = build_pop(code, issuer.cert, issuer.key)
+                await stage.call(lambda: stage.svc.verify_ca(name, etag, pem(proof).decode()))
         except CHECK_ERRORS as exc:
             raise RegistrationRefused(
                 f"uploading and proving the issuing CA at {endpoints.service} failed: "
@@ -512,6 +518,14 @@ def upload_and_prove(endpoints: Endpoints, options: RegisterOptions, issuer: Iss
             ) from exc
         finally:
             await stage.aclose()
-        return CaProof(name, common_name(issuer.cert), prints.sha1, prints.sha256, True)
+        return CaProof(
+            name,
+            common_name(issuer.cert),
+            prints.sha1,
+            prints.sha256,
+            proven,
+            stage.calls,
+            stage.retries,
+        )
 
     return asyncio.run(go())

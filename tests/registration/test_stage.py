@@ -143,16 +143,20 @@ def test_hub_mode_makes_identities(
 def test_faults_and_a_tight_quota_still_register_everything_once(
     hsm_env: Hsm, ca_env: CA, emu: Emu, tmp_path: Path
 ) -> None:
-    (emu.dir / "faults.json").write_text(json.dumps({"error_rate": 0.2, "drop_rate": 0.1}))
+    (emu.dir / "faults.json").write_text(json.dumps({"error_rate": 0.25, "drop_rate": 0.1}))
     station = load_station(_station(tmp_path, hsm_env, ca_env, emu))
-    manifest = load_manifest(_manifest(tmp_path, "flaky", "fl-", 60, "individual"))
+    # 120 devices: about 20 calls (pre-issue check, CA upload and proof, 12 bulk), so that
+    # none meeting a fault is about a 1-in-1,500 chance
+    manifest = load_manifest(_manifest(tmp_path, "flaky", "fl-", 120, "individual"))
     options = RegisterOptions(upload_ca=True, operations_per_minute=300, concurrency=4)
     result = run_batch(manifest, station, register=options)
     (emu.dir / "faults.json").write_text("{}")
-    assert result.report.counts == {"registered": 60}, result.report.failures
-    assert result.report.stages["register"].retries > 0
+    assert result.report.counts == {"registered": 120}, result.report.failures
+    # the faults hit the pre-issue check and CA proof (plan) and registration alike
+    stages = result.report.stages
+    assert (stages["plan"].retries or 0) + (stages["register"].retries or 0) > 0
     enrolled = _enrollments(emu)
-    assert len(enrolled) == len({e["registrationId"] for e in enrolled}) == 60
+    assert len(enrolled) == len({e["registrationId"] for e in enrolled}) == 120
 
 
 def test_emulator_stopped_mid_stage_then_resumed(
