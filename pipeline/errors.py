@@ -13,7 +13,11 @@ Exit codes (a stable contract for factory CI):
  34   mechanism not supported by the token
  4    CA / issuance error
  5    registration finished with failures (partial)
+ 51   DPS / IoT Hub would refuse the batch: found before anything was signed (conflicting
+      enrollments or identities, a CA not verified by proof of possession, a group
+      conflict, a CA upload the endpoint cannot take)
  6    audit verification failed
+ 61   the audit log checks out but is not anchored: no trusted root was given (--root)
  7    I/O failure: disk full, read-only or failing storage (the line names the path)
  130  interrupted (SIGINT, Ctrl-C); 143 terminated (SIGTERM): the run was stopped cleanly
  8    a programming fixture refused a bundle (wrong transport key, damaged blob, key and
@@ -21,7 +25,8 @@ Exit codes (a stable contract for factory CI):
 ====  ==========================================================
 
 The HSM family shares the leading digit 3 so that a script can test ``code // 10 == 3``
-or ``code == 3`` for "any HSM problem" and still tell the causes apart.
+or ``code == 3`` for "any HSM problem" and still tell the causes apart; registration (5,
+51) and audit (6, 61) do the same.
 """
 
 from __future__ import annotations
@@ -167,8 +172,35 @@ class RegistrationError(ProvlineError):
     exit_code = 5
 
 
+class RegistrationRefused(RegistrationError):
+    """DPS or IoT Hub would refuse the batch, found before any certificate is signed (plan,
+    and run before it issues): registration IDs enrolled with other certificates,
+    identities of another kind, a CA not verified by proof of possession, an enrollment
+    group with another signing certificate. ``problems`` holds one line each."""
+
+    exit_code = 51
+
+    def __init__(
+        self, what: str, *, where: str = "", rule: str = "", problems: list[str] | None = None
+    ) -> None:
+        super().__init__(what, where=where, rule=rule)
+        self.problems = problems or []
+
+    def line(self) -> str:
+        if not self.problems:
+            return super().line()
+        return "\n".join(printable_line(p) for p in self.problems)
+
+
 class AuditError(ProvlineError):
     exit_code = 6
+
+
+class AuditUnanchored(AuditError):
+    """Every check of an audit log passed, but against the root the log itself names: with
+    no trusted root given (``--root``) nothing outside the batch vouches for the signer."""
+
+    exit_code = 61
 
 
 class StorageError(ProvlineError):

@@ -63,7 +63,10 @@ class AuditEvent(StrEnum):
     REGISTRATION_CONFLICT = "registration_conflict"
     REGISTRATION_FAILED = "registration_failed"
     ABORTED = "aborted"
+    CA_UPLOADED = "ca_uploaded"  # the issuing CA uploaded to the DPS certificate API
+    CA_VERIFIED = "ca_verified"  # ... and verified there by proof of possession (HSM-held key)
     RUN_END = "run_end"
+    REPORT = "report"  # SHA-256 of report.json and report.txt, just before the seal
     SEAL = "seal"
     SEAL_SKIPPED = "seal_skipped"
     # The station lifecycle log (docs/lifecycle.md): after the factory.

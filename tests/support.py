@@ -818,3 +818,71 @@ def write_manifest(
         f"generator: {{prefix: {prefix}, digits: 5, count: {count}}}\n"
     )
     return path
+
+
+def start_fast_emulator(data_dir: Path, **config: object) -> Emu:
+    """The emulator on free ports with quick assignment (tests of provline's own clients);
+    ``config`` adds config.json settings (e.g. ``certificate_api=False``)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port, service, hub = free_ports(3)
+    settings = {
+        "port": port,
+        "service_port": service,
+        "hub_port": hub,
+        "assign_seconds": 0.1,
+        "retry_after": 1,
+        **config,
+    }
+    (data_dir / "config.json").write_text(json.dumps(settings))
+    return start_emulator(data_dir)
+
+
+def group_id(issuer_cert: Path) -> str:
+    """The enrollment group provline makes for an issuing CA (``provline-<sha256>``)."""
+    import hashlib
+
+    from cryptography import x509 as x
+    from cryptography.hazmat.primitives import serialization
+
+    cert = x.load_pem_x509_certificate(issuer_cert.read_bytes())
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return "provline-" + hashlib.sha256(der).hexdigest()[:24]
+
+
+def enrol_elsewhere(emu: Emu, registration_ids: list[str]) -> None:
+    """Individual enrollments for ``registration_ids`` made by someone else (with another
+    certificate: the emulator's TLS CA), in bulk calls of 10."""
+    other = (emu.dir / "server-ca.pem").read_text()
+    with emu.service() as svc:
+        for i in range(0, len(registration_ids), 10):
+            body = {
+                "mode": "create",
+                "enrollments": [
+                    {
+                        "registrationId": rid,
+                        "attestation": {
+                            "type": "x509",
+                            "x509": {"clientCertificates": {"primary": {"certificate": other}}},
+                        },
+                    }
+                    for rid in registration_ids[i : i + 10]
+                ],
+            }
+            answer = svc.post("/enrollments", json=body)
+            assert answer.status_code == 200 and answer.json()["isSuccessful"], answer.text
+
+
+def reopen_intent(batch: Path, rid: str) -> str:
+    """The state a kill leaves while a device's bundle is being written: its serial an open
+    intent in the journal, its bundle incomplete (no device.json yet). Returns the serial
+    (the next run voids it: its certificate is on disk, so it was signed)."""
+    import sqlite3
+
+    db = sqlite3.connect(batch / "journal.sqlite")
+    serial = db.execute("SELECT serial FROM devices WHERE registration_id = ?", (rid,)).fetchone()
+    db.execute("UPDATE devices SET state = 'intent' WHERE registration_id = ?", (rid,))
+    db.execute("UPDATE serials SET state = 'intent' WHERE serial = ?", serial)
+    db.commit()
+    db.close()
+    (batch / rid / "device.json").unlink()
+    return str(serial[0])

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import hashes
 from ..ca.certs import thumbprints
 from ..errors import AuditError
 from ..layout import AUDIT_LOG, AUDIT_SEAL, CRL_DIR, DEVICE_JSON, RENEWALS_DIR, TEMP_SUFFIX
+from ..serials import canonical_serial, serial_hex
 from ..vocabulary import AuditEvent
 from .verify import _read_seal, _records
 
@@ -266,9 +267,9 @@ def _check_crls(directory: Path, replay: _Replay) -> list[dict[str, Any]]:
                 rule="CRLs match the log",
             )
         crl = x509.load_pem_x509_crl(content)
-        listed = {format(r.serial_number, "X") for r in crl}
+        listed = {serial_hex(r.serial_number) for r in crl}
         for serial, line in replay.off_service.get(issuer, {}).items():
-            if line < number and serial not in listed:
+            if line < number and canonical_serial(serial) not in listed:
                 raise AuditError(
                     f"serial {serial}, taken out of service at line {line}, is not on the CRL "
                     f"issued at line {number}",

@@ -12,14 +12,25 @@ Checks, in order, stopping at the first failure with what and where:
    file is unrecorded;
 5. that every serial ever intended ends ``issued``, ``void``, ``unused`` or ``released``
    (a released serial never reached a signer: it is never issued, voided or unused later);
-6. that ``report.json`` agrees with the log.
+6. that ``report.json`` and ``report.txt`` are the files the ``report`` event, the line just
+   before the seal, recorded (so the seal covers every field of both), and that
+   ``report.json`` agrees with the log. A log written by an older provline has no
+   ``report`` event: its report is only compared with the log (``report_sealed`` false).
+
+Without a trusted root the signer is checked against the root the log itself names (the
+self-signed certificate in the signature whose fingerprint ``batch_start`` recorded): every
+check runs, but nothing outside the batch vouches for it, and :attr:`Summary.anchored` is
+false (``provline audit verify`` says UNANCHORED and exits 61).
+
+Serials are compared as numbers (:mod:`pipeline.serials`): an older provline wrote them
+with an odd number of hex digits.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -33,7 +44,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from ..ca.certs import is_ca, signed_by, thumbprints
 from ..errors import AuditError
-from ..layout import AUDIT_LOG, AUDIT_SEAL, DEVICE_JSON, REPORT, TEMP_SUFFIX
+from ..layout import AUDIT_LOG, AUDIT_SEAL, DEVICE_JSON, REPORT, REPORT_TEXT, TEMP_SUFFIX
+from ..serials import canonical_serial
 from ..vocabulary import (
     REGISTRATION_STATES,
     REWORK_STATES,
@@ -54,7 +66,11 @@ _HASHES: dict[str, type[hashes.SHA256 | hashes.SHA384 | hashes.SHA512]] = {
 class Summary:
     batch_id: str = ""
     station: str = ""
+    product: str = ""
     signer: str = ""
+    anchored: bool = False  # checked against a root given by the caller, not the log's own
+    trust_anchor: dict[str, str] = field(default_factory=dict)  # subject, sha256
+    report_sealed: bool = False  # report.json and report.txt are covered by the seal
     first_time: str = ""
     last_time: str = ""
     lines: int = 0
@@ -69,9 +85,22 @@ class Summary:
         return {k: v for k, v in self.__dict__.items()}
 
 
+Observer = Callable[[int, dict[str, Any]], None]
+
+
 def verify_batch(batch_dir: Path, root: x509.Certificate | None = None) -> Summary:
     """Verify ``batch_dir``; raise :class:`AuditError` naming the first problem. The log is
     read once, as a stream: memory grows with the number of devices, not of log lines."""
+    return verify_and_replay(batch_dir, root)[0]
+
+
+def verify_and_replay(
+    batch_dir: Path, root: x509.Certificate | None = None, observe: Observer | None = None
+) -> tuple[Summary, Replay]:
+    """:func:`verify_batch`, also returning the replayed device and serial states;
+    ``observe`` sees every record (with its line number) in the same single pass, before the
+    signature over the whole log is known to match: use what it gathered only once this
+    returns."""
     log_path = batch_dir / AUDIT_LOG
     if not log_path.is_file() or log_path.stat().st_size == 0:
         raise AuditError(
@@ -83,16 +112,24 @@ def verify_batch(batch_dir: Path, root: x509.Certificate | None = None) -> Summa
     summary = Summary(
         batch_id=start.get("batch_id", ""),
         station=start.get("station", ""),
+        product=start.get("product", ""),
         ca_sha256=start.get("ca_sha256", {}),
     )
     seal = _read_seal(batch_dir / AUDIT_SEAL, root, summary.ca_sha256)
     summary.signer = seal.signer.subject.rfc4514_string()
+    summary.anchored = root is not None
+    summary.trust_anchor = {
+        "subject": seal.anchor.subject.rfc4514_string(),
+        "sha256": thumbprints(seal.anchor).sha256,
+    }
 
-    replay = _Replay(log_path)
+    replay = Replay(log_path)
     digest = hashes.Hash(seal.algorithm)
     last: dict[str, Any] = {}
     for number, record in _records(log_path, digest):
         replay.feed(number, record)
+        if observe is not None:
+            observe(number, record)
         summary.first_time = summary.first_time or record["time"]
         last, summary.lines = record, number
     summary.last_time = last["time"]
@@ -126,8 +163,9 @@ def verify_batch(batch_dir: Path, root: x509.Certificate | None = None) -> Summa
         if st is SerialState.VOID
     ]
     summary.failures = replay.failures()
+    summary.report_sealed = _check_report_files(batch_dir, replay, summary.lines, log_path)
     _check_report(batch_dir, summary)
-    return summary
+    return summary, replay
 
 
 def _records(path: Path, digest: hashes.Hash) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -176,6 +214,7 @@ class _Seal:
     signer: x509.Certificate
     algorithm: hashes.HashAlgorithm
     message_digest: bytes
+    anchor: x509.Certificate  # the root the signer chain was checked against
 
 
 def _read_seal(p7s: Path, root: x509.Certificate | None, ca_sha256: dict[str, str]) -> _Seal:
@@ -233,7 +272,18 @@ def _read_seal(p7s: Path, root: x509.Certificate | None, ca_sha256: dict[str, st
         ) from exc
     anchor = root or _root_from_log(certs, ca_sha256, p7s)
     _check_path(signer, certs, anchor, p7s)
-    return _Seal(p7s, signer, algorithm, wanted)
+    return _Seal(p7s, signer, algorithm, wanted, anchor)
+
+
+def embedded_root(p7s: Path) -> x509.Certificate | None:
+    """The self-signed certificate a seal embeds: the root a log names for itself (what an
+    unanchored verification trusted). None if there is none or the file is unreadable."""
+    try:
+        signed = cms.ContentInfo.load(p7s.read_bytes())["content"]
+        certs = [x509.load_der_x509_certificate(c.chosen.dump()) for c in signed["certificates"]]
+    except Exception:  # asn1crypto raises many types for malformed DER
+        return None
+    return next((c for c in certs if c.subject == c.issuer), None)
 
 
 def _root_from_log(
@@ -276,11 +326,11 @@ def _check_path(
     )
 
 
-class _Replay:
+class Replay:
     """Replays events: final state per device, the files of each device's current bundle,
-    and (state, device) per serial. A serial may be voided or released without a logged
-    intent: the journal commits intents just before the log does, and nothing is signed in
-    between."""
+    (state, device) per serial, and each device's last registration outcome. A serial may be
+    voided or released without a logged intent: the journal commits intents just before the
+    log does, and nothing is signed in between."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -289,6 +339,11 @@ class _Replay:
         self.current: dict[str, str] = {}  # device -> serial of its current bundle
         self.serials: dict[str, tuple[SerialState, str]] = {}
         self.reasons: dict[str, str] = {}
+        self.sha256: dict[str, str] = {}  # device -> SHA-256 thumbprint of its current leaf
+        self.outcomes: dict[str, tuple[AuditEvent, dict[str, Any]]] = {}  # registration
+        self.run_started = 0  # line of the last batch_start or resume
+        self.reports = 0  # report events seen
+        self.report: tuple[int, dict[str, Any]] | None = None  # the last one: line, data
 
     def feed(self, number: int, record: dict[str, Any]) -> None:
         try:
@@ -297,9 +352,14 @@ class _Replay:
             return  # an event this verifier does not interpret; the hash chain covers it
         raw = record.get("data")
         data: dict[str, Any] = raw if isinstance(raw, dict) else {}
-        rid, serial = str(record.get("registration_id") or ""), str(data.get("serial") or "")
+        rid, serial = str(record.get("registration_id") or ""), _serial(data.get("serial"))
         state, serials = self.state, self.serials
-        if event is AuditEvent.INTENT:
+        if event in (AuditEvent.BATCH_START, AuditEvent.RESUME):
+            self.run_started = number
+        elif event is AuditEvent.REPORT:
+            self.reports += 1
+            self.report = (number, data)
+        elif event is AuditEvent.INTENT:
             serials[serial] = (SerialState.INTENT, rid)
             state[rid] = DeviceState.INTENT
         elif event is AuditEvent.ISSUED:
@@ -310,6 +370,7 @@ class _Replay:
                     rule="intent before signing",
                 )
             serials[serial] = (SerialState.ISSUED, rid)
+            self.sha256[rid] = str(data.get("sha256_thumbprint") or "")
             state[rid], self.files[rid], self.current[rid] = (
                 DeviceState.BUNDLED,
                 data["files"],
@@ -325,6 +386,7 @@ class _Replay:
             serials[serial] = (SerialState(event.value), rid)
             if self.current.get(rid) == serial:
                 del self.current[rid], self.files[rid]
+                self.sha256.pop(rid, None)
             current = state.get(rid)
             if current is None or not current.has_bundle or rid not in self.current:
                 state[rid] = (
@@ -354,6 +416,7 @@ class _Replay:
                     rule="register after bundling",
                 )
             state[rid] = REGISTRATION_STATES[event]
+            self.outcomes[rid] = (event, data)
             if event is not AuditEvent.REGISTERED:
                 self.reasons[rid] = data.get("reason", "")
 
@@ -363,6 +426,55 @@ class _Replay:
             for r, why in self.reasons.items()
             if self.state.get(r) in REWORK_STATES
         ]
+
+
+def _serial(value: Any) -> str:
+    """A logged serial as a key: the number, whatever digits an older provline wrote."""
+    text = str(value or "")
+    try:
+        return canonical_serial(text)
+    except ValueError:
+        return text
+
+
+def _check_report_files(batch_dir: Path, replay: Replay, lines: int, log: Path) -> bool:
+    """report.json and report.txt must be the files the ``report`` event just before the
+    seal recorded. Returns False for a log an older provline wrote (no report event at all):
+    its report is only compared with the log."""
+    if not replay.reports:
+        return False
+    found = replay.report
+    if found is None or found[0] != lines - 1 or found[0] < replay.run_started:
+        raise AuditError(
+            "the last run did not log its report just before the seal (report.json and "
+            "report.txt are not covered by the seal)",
+            where=f"{log}:{lines}",
+            rule="the seal covers the report",
+        )
+    recorded = found[1].get("files")
+    recorded = recorded if isinstance(recorded, dict) else {}
+    for name in (REPORT, REPORT_TEXT):
+        path = batch_dir / name
+        if name not in recorded:
+            raise AuditError(
+                f"the report event records no hash of {name}",
+                where=f"{log}:{found[0]}",
+                rule="the seal covers the report",
+            )
+        try:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise AuditError(
+                f"cannot read it: {exc.strerror}", where=str(path), rule="report files"
+            ) from exc
+        if digest != recorded[name]:
+            raise AuditError(
+                f"differs from the SHA-256 the log recorded at line {found[0]} (changed after "
+                "sealing)",
+                where=str(path),
+                rule="the seal covers the report",
+            )
+    return True
 
 
 def _check_files(batch_dir: Path, files: dict[str, dict[str, str]]) -> int:
@@ -415,16 +527,25 @@ def _check_report(batch_dir: Path, summary: Summary) -> None:
     path = batch_dir / REPORT
     if not path.is_file():
         raise AuditError("no report", where=str(path), rule="report agrees with the log")
-    report = json.loads(path.read_text())
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise AuditError(
+            f"not a readable JSON report: {exc}", where=str(path), rule="report agrees with the log"
+        ) from exc
+    if not isinstance(report, dict):
+        raise AuditError("not a JSON object", where=str(path), rule="report agrees with the log")
     checks = {
         "batch_id": (report.get("batch_id"), summary.batch_id),
+        "station": (report.get("station"), summary.station),
+        "product": (report.get("product"), summary.product),
         "serials": (report.get("serials"), summary.serials),
         "device states": (
             {k: v for k, v in report.get("counts", {}).items() if k != DeviceState.PLANNED},
             {k: v for k, v in summary.devices.items() if k != DeviceState.PLANNED},
         ),
         "void serials": (
-            sorted(v["serial"] for v in report.get("void_serials", [])),
+            sorted(_serial(v.get("serial")) for v in report.get("void_serials", [])),
             sorted(v["serial"] for v in summary.voids),
         ),
     }

@@ -23,6 +23,7 @@ from cryptography import x509
 from ..ca.certs import pem, public_key_sha256, thumbprints
 from ..files import write_atomic
 from ..layout import DEVICE_CERT, DEVICE_JSON, FULL_CHAIN
+from ..serials import serial_hex
 from .records import IssuedBundle, KeyReference
 
 FORMAT_VERSION = 1
@@ -54,7 +55,7 @@ def write_bundle(
         hashes[name] = hashlib.sha256(data).hexdigest()
     issued = IssuedBundle(
         registration_id=registration_id,
-        serial=format(cert.serial_number, "X"),
+        serial=serial_hex(cert.serial_number),
         thumbprints=thumbprints(cert),
         public_key_sha256=public_key_sha256(cert),
         not_after=cert.not_valid_after_utc.isoformat(),

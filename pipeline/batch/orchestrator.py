@@ -33,7 +33,7 @@ import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,18 +71,20 @@ from ..layout import (
 )
 from ..lifecycle.inventory import record_batch
 from ..registration.endpoints import Endpoints, resolve
+from ..registration.precheck import CaProof, CaState, Precheck, upload_and_prove
 from ..registration.stage import RegisterOptions, Stage, run_stage
 from ..registration.target import RegistrationOutcome, load_targets
+from ..serials import serial_hex
 from ..stats import StageStats
 from ..vocabulary import REGISTRATION_EVENTS, AuditEvent, Custody, DeviceState, RegistrationMode
 from . import ledger
 from .capability import require_station_capabilities
 from .custody import remove_orphans, warn_pkcs8
 from .journal import Journal
-from .plan import check_inputs
+from .plan import check_inputs, check_journal, check_operator, journal_meta, require_registration
 from .progress import ProgressSink, Silent
 from .records import IssuedBundle, KeyReference, PendingDevice
-from .report import Report, build_report, write_report
+from .report import Report, build_report, report_event, write_report
 from .settle import Settlement, classify, on_disk
 from .signals import StopSignals
 from .signing import find_transport_key, open_signer, open_station_keys
@@ -117,6 +119,15 @@ class _Context:
     token: hsm.Token
     issuer: Issuer
     audit_signer: hsm.HsmSigner | None
+    registration: Precheck | None = None  # the registration target, checked before issuing
+    operator: str | None = None
+
+    def run_facts(self) -> dict[str, Any]:
+        """Who runs this run and against which registration target (batch_start, resume)."""
+        facts: dict[str, Any] = {"operator": self.operator}
+        if self.registration is not None:
+            facts["registration"] = self.registration.facts()
+        return facts
 
 
 @dataclass
@@ -149,17 +160,27 @@ def run_batch(
     workers: int | None = None,
     chunk_size: int | None = None,
     register: RegisterOptions | None = None,
+    operator: str | None = None,
 ) -> RunResult:
     """Run (or resume) the batch ``manifest`` on ``station``. Raises a ProvlineError for bad
-    input before any side effect; returns the report otherwise. A run that stops early
-    (signal, HSM or disk failure) still writes its report, then raises the reason (its exit
-    code is the report's)."""
+    input, and :class:`~pipeline.errors.RegistrationRefused` when DPS / IoT Hub would refuse
+    the devices, before any side effect; returns the report otherwise. A run that stops
+    early (signal, HSM or disk failure) still writes its report, then raises the reason (its
+    exit code is the report's). ``operator`` is recorded in the audit log."""
     progress = progress or Silent()
     clock = time.monotonic()
-    ctx = _plan(manifest, station)
+    options = register or _register_defaults(station)
+    ctx = _plan(manifest, station, options, operator)
     with StopSignals() as stop:
         journal, resumed = _open_batch(ctx)
-        stages: dict[str, StageStats] = {"plan": StageStats(seconds=time.monotonic() - clock)}
+        checked = ctx.registration  # the pre-issue check's DPS / IoT Hub calls
+        stages: dict[str, StageStats] = {
+            "plan": StageStats(
+                seconds=time.monotonic() - clock,
+                calls=checked.calls if checked is not None else None,
+                retries=checked.retries if checked is not None else None,
+            )
+        }
         reserve = SpaceReserve(ctx.batch_dir / SPACE_RESERVE, SPACE_RESERVE_BYTES)
         run: _Run | None = None
         failure: BaseException | None = None
@@ -167,6 +188,12 @@ def run_batch(
             reserve.take()
             run = _Run(ctx, journal, AuditLog(ctx.batch_dir / AUDIT_LOG), progress, stop, reserve)
             _start_events(run, resumed)
+            if ctx.registration is not None and ctx.registration.ca is CaState.WILL_UPLOAD:
+                proof = _prove_ca(run, options)  # before the first certificate is signed
+                plan = stages["plan"]
+                plan.calls = (plan.calls or 0) + proof.calls
+                plan.retries = (plan.retries or 0) + proof.retries
+                options = replace(options, upload_ca=False)
             if station.custody.policy is Custody.PKCS8:
                 warn_pkcs8()
             stop.check()
@@ -175,7 +202,7 @@ def run_batch(
             )
             if manifest.registration is not RegistrationMode.NONE:
                 stop.check()
-                stages["register"] = _register(run, register or _register_defaults(station), stages)
+                stages["register"] = _register(run, options, stages)
         except BaseException as exc:
             failure = exc
             if is_storage_error(exc):
@@ -217,28 +244,34 @@ def _finish(
     resumed: bool,
     failure: BaseException | None,
 ) -> tuple[Report, ProvlineError | None]:
-    """End events, seal, report, lock: each step is tried whatever failed before it, and the
-    lock is released whatever happens. Returns the report and the first error of these steps
-    (the run's exit code when it had none)."""
+    """End events, report, seal, lock: each step is tried whatever failed before it, and the
+    lock is released whatever happens. The report is written and its SHA-256 logged before
+    the seal, so the seal covers what the auditor reads (README "Audit"). Returns the
+    report and the first error of these steps (the run's exit code when it had none)."""
     try:
-        late = _seal_run(ctx, journal, run, progress, stages) if run is not None else None
-        cause = failure or late
-        report = build_report(
-            ctx.manifest,
-            ctx.station,
-            journal,
-            stages,
-            resumed=resumed,
-            this_run=run.totals if run is not None else {},
-            aborted=_reason(failure) if failure is not None else None,
-            exit_code=exit_code_of(cause) if cause is not None else None,
-            orphans_removed=run.orphans if run is not None else [],
-        )
+        late = _end_run(journal, run, progress) if run is not None else None
+        sealing = run is not None and late is None and ctx.audit_signer is not None
+        report = _report(ctx, journal, run, stages, resumed, failure, late, sealing)
+        logged = False
         try:
-            write_report(ctx.batch_dir, report)
+            files = write_report(ctx.batch_dir, report)
+            if run is not None and late is None:
+                run.audit.append(AuditEvent.REPORT, data=report_event(report, files))
+                run.audit.flush()
+                logged = True
         except ProvlineError as exc:
             late = late or exc
-            progress.log(f"report not written: {exc.line()}")
+            progress.log(f"report not written or not logged: {exc.line()}")
+        if run is not None:
+            unsealed = _seal_run(ctx, run, progress, stages)
+            if unsealed is not None and logged:  # the report claimed a seal: say the truth
+                late = late or unsealed
+                report = _report(ctx, journal, run, stages, resumed, failure, late, False)
+                try:
+                    write_report(ctx.batch_dir, report)
+                except ProvlineError as exc:
+                    progress.log(f"report not written: {exc.line()}")
+            late = late or unsealed
         record_batch(ctx.station, ctx.batch_dir, journal, progress.log)  # station inventory
     finally:
         if run is not None:
@@ -248,39 +281,113 @@ def _finish(
     return report, late
 
 
-def _seal_run(
-    ctx: _Context,
-    journal: Journal,
-    run: _Run,
-    progress: ProgressSink,
-    stages: dict[str, StageStats],
-) -> ProvlineError | None:
-    """The run_end event and the seal; returns why the log could not be sealed, if so."""
-    late: ProvlineError | None = None
-    clock = time.monotonic()
-    sealed = False
+def _end_run(journal: Journal, run: _Run, progress: ProgressSink) -> ProvlineError | None:
+    """The run_end event, durable; returns why it could not be logged, if so."""
     try:
         run.audit.append(
             AuditEvent.RUN_END,
             data={"devices": journal.counts(), "serials": journal.serial_counts(), **run.totals},
         )
-        sealed = _seal(ctx, run.audit, progress)
+        run.audit.flush()
+    except ProvlineError as exc:
+        progress.log(f"run end not logged: {exc.line()}")
+        return exc
+    return None
+
+
+def _report(
+    ctx: _Context,
+    journal: Journal,
+    run: _Run | None,
+    stages: dict[str, StageStats],
+    resumed: bool,
+    failure: BaseException | None,
+    late: ProvlineError | None,
+    sealing: bool,
+) -> Report:
+    cause = failure or late
+    if run is not None:
+        stages["audit"] = StageStats(seconds=run.audit.seconds)
+    stages["seal"] = StageStats(sealed=sealing)
+    return build_report(
+        ctx.manifest,
+        ctx.station,
+        journal,
+        stages,
+        resumed=resumed,
+        this_run=run.totals if run is not None else {},
+        aborted=_reason(failure) if failure is not None else None,
+        exit_code=exit_code_of(cause) if cause is not None else None,
+        orphans_removed=run.orphans if run is not None else [],
+        operator=ctx.operator,
+        registration=ctx.registration.facts() if ctx.registration is not None else None,
+    )
+
+
+def _seal_run(
+    ctx: _Context, run: _Run, progress: ProgressSink, stages: dict[str, StageStats]
+) -> ProvlineError | None:
+    """The seal (or seal_skipped), then the log is closed; returns why the log could not be
+    sealed, if so. The report already says how long the run spent logging."""
+    late: ProvlineError | None = None
+    try:
+        _seal(ctx, run.audit, progress)
     except ProvlineError as exc:
         late = exc
         progress.log(f"audit log not sealed: {exc.line()}")
-    stages["seal"] = StageStats(seconds=time.monotonic() - clock, sealed=sealed)
     try:
         run.audit.close()
     except ProvlineError as exc:
         late = late or exc
-    stages["audit"] = StageStats(seconds=run.audit.seconds)
     return late
 
 
+def _prove_ca(run: _Run, options: RegisterOptions) -> CaProof:
+    """``--upload-ca``: upload the issuing CA and prove possession of its HSM-held key before
+    the first certificate is signed; both steps are logged."""
+    endpoints = resolve(run.ctx.station.dps)
+    proof = upload_and_prove(endpoints, options, run.ctx.issuer)
+    common = {
+        "name": proof.name,
+        "sha1_thumbprint": proof.sha1,
+        "service_endpoint": endpoints.service,
+    }
+    run.audit.extend(
+        [
+            (
+                AuditEvent.CA_UPLOADED,
+                None,
+                {**common, "subject": proof.subject, "sha256_thumbprint": proof.sha256},
+            ),
+            (
+                AuditEvent.CA_VERIFIED,
+                None,
+                {
+                    **common,
+                    "method": "proof_of_possession" if proof.proven else "verified_on_upload",
+                },
+            ),
+        ]
+    )
+    run.audit.flush()
+    if run.ctx.registration is not None:  # the report says what holds now
+        run.ctx.registration.ca = CaState.VERIFIED
+        run.ctx.registration.ca_detail = f"{proof.subject}: uploaded and proven by this run"
+    run.progress.log(
+        f"CA {proof.subject} uploaded to {endpoints.service} and verified by proof of "
+        "possession (the key stayed in the HSM)"
+    )
+    return proof
+
+
 # ---------------------------------------------------------------------------------- plan
-def _plan(manifest: Manifest, station: Station) -> _Context:
-    """Every check before the first side effect: inputs, HSM, issuer, keys, journal."""
+def _plan(
+    manifest: Manifest, station: Station, register: RegisterOptions, operator: str | None
+) -> _Context:
+    """Every check before the first side effect: inputs, operator, HSM, issuer, keys,
+    journal, and last the registration target (read-only calls)."""
     chain = check_inputs(manifest, station)
+    operator = check_operator(station, operator)
     batch_dir = station.output / manifest.batch_id
     keys = open_station_keys(station)  # raises if the issuer key does not match the chain
     require_station_capabilities(keys.token, station, manifest)  # mechanisms, room: docs/hsm.md
@@ -295,7 +402,7 @@ def _plan(manifest: Manifest, station: Station) -> _Context:
             CAError,
             where=str(station.path),
         )
-    started = Journal.exists(batch_dir) and _check_journal(
+    started = Journal.exists(batch_dir) and check_journal(
         Journal.open(batch_dir, create=False), manifest, station
     )
     if not started:  # a new batch (or one whose creation never finished: nothing issued)
@@ -306,44 +413,22 @@ def _plan(manifest: Manifest, station: Station) -> _Context:
             )
         if station.custody.policy is Custody.RETAIN:
             _check_no_labels_taken(keys.token, manifest)
-    return _Context(manifest, station, chain, batch_dir, keys.token, keys.issuer, audit_signer)
-
-
-def _journal_meta(manifest: Manifest, station: Station) -> dict[str, str]:
-    return {
-        "batch_id": manifest.batch_id,
-        "manifest_sha256": manifest.sha256,
-        "station": station.name,
-        "custody": station.custody.policy.value,
-        "key_profile": manifest.key_profile.value,
-        "validity_days": str(manifest.validity_days),
-        "registration": manifest.registration.value,
-    }
+    registration = require_registration(manifest, station, chain, keys.issuer, register)
+    return _Context(
+        manifest,
+        station,
+        chain,
+        batch_dir,
+        keys.token,
+        keys.issuer,
+        audit_signer,
+        registration,
+        operator,
+    )
 
 
 def _entries(directory: Path) -> list[Path]:
     return list(directory.iterdir()) if directory.is_dir() else []
-
-
-def _check_journal(journal: Journal, manifest: Manifest, station: Station) -> bool:
-    """A resumed batch must be the same batch: same manifest, station, custody, profile.
-    Returns False for a batch whose plan was never completed (it has issued nothing and is
-    planned afresh)."""
-    recorded = journal.meta()
-    complete = journal.planned()
-    journal.close()
-    if not complete:
-        return False
-    wanted = _journal_meta(manifest, station)
-    problems = [
-        f"{manifest.path}: {key} is {wanted[key]!r} but batch {manifest.batch_id} was started "
-        f"with {recorded.get(key)!r} (a resumed batch keeps its inputs)"
-        for key in wanted
-        if recorded.get(key) != wanted[key]
-    ]
-    if problems:
-        raise ValidationFailed(problems)
-    return True
 
 
 def _check_no_labels_taken(token: hsm.Token, manifest: Manifest) -> None:
@@ -363,7 +448,7 @@ def _check_no_labels_taken(token: hsm.Token, manifest: Manifest) -> None:
 def _open_batch(ctx: _Context) -> tuple[Journal, bool]:
     """The first side effect: create the batch whole, or reopen it (taking its lock).
     Returns the journal and whether the batch is resumed."""
-    meta = _journal_meta(ctx.manifest, ctx.station)
+    meta = journal_meta(ctx.manifest, ctx.station)
     devices = (
         (d.registration_id, d.device_id, {"tags": d.tags, "desired": d.desired})
         for d in ctx.manifest.devices()
@@ -397,6 +482,7 @@ def _start_events(run: _Run, resumed: bool) -> None:
                 "devices": journal.total(),
                 "ca_sha256": fingerprints,
                 "host": os.uname().nodename,
+                **ctx.run_facts(),
             },
         )
     if audit.torn_bytes:
@@ -411,6 +497,10 @@ def _start_events(run: _Run, resumed: bool) -> None:
                 "voided": len(settlement.void),
                 "released": len(settlement.released),
                 "retrying_failed": journal.counts().get(DeviceState.FAILED, 0),
+                "station": ctx.station.name,
+                "tool": f"provline {__version__}",
+                "host": os.uname().nodename,
+                **ctx.run_facts(),
             },
         )
         _settle(run, settlement)
@@ -621,7 +711,7 @@ def _hand_out(run: _Run, workers: int, chunk_size: int, busy: dict[str, float]) 
 def _reserve(run: _Run, chunk: list[PendingDevice]) -> list[ChunkItem]:
     """Journal (commit), then log (sync) the chunk's serials as intents."""
     items = [
-        ChunkItem(d.registration_id, d.device_id, format(random_serial(), "X"), d.extra, d.retry)
+        ChunkItem(d.registration_id, d.device_id, serial_hex(random_serial()), d.extra, d.retry)
         for d in chunk
     ]
     run.journal.record_intents([(i.registration_id, i.serial) for i in items])

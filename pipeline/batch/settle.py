@@ -30,6 +30,7 @@ from cryptography import x509
 
 from ..ca.certs import Thumbprints
 from ..layout import AUDIT_LOG, DEVICE_CERT, DEVICE_JSON
+from ..serials import canonical_serial, same_serial, serial_hex
 from ..vocabulary import AuditEvent
 from . import ledger
 from .records import IssuedBundle, KeyReference
@@ -85,13 +86,13 @@ def classify(
 def on_disk(directory: Path, serial: str) -> bool:
     """Whether a bundle file in ``directory`` carries ``serial`` (it was certainly signed)."""
     info = _json(directory / DEVICE_JSON)
-    if info is not None and info.get("serial") == serial:
+    if info is not None and same_serial(info.get("serial"), serial):
         return True
     try:
         cert = x509.load_pem_x509_certificate((directory / DEVICE_CERT).read_bytes())
     except (OSError, ValueError):
         return False
-    return format(cert.serial_number, "X") == serial
+    return same_serial(serial_hex(cert.serial_number), serial)
 
 
 def complete_bundle(
@@ -129,21 +130,28 @@ def logged_issued(log: Path, serials: set[str]) -> dict[str, dict[str, str]]:
     backwards, stopping once the intent of every one of them has been passed (they are the
     last few chunks of the log)."""
     found: dict[str, dict[str, str]] = {}
-    waiting = set(serials)
+    waiting = {_key(s): s for s in serials}  # an older provline wrote odd-length serials
     if not waiting or not log.exists():
         return found
     issued, intent = f'"event":"{AuditEvent.ISSUED}"'.encode(), f'"event":"{AuditEvent.INTENT}"'
     for line in _lines_backwards(log):
         if issued in line or intent.encode() in line:
             record = json.loads(line)
-            serial = str(record.get("data", {}).get("serial", ""))
-            if serial in waiting and record["event"] == AuditEvent.ISSUED:
-                found.setdefault(serial, record["data"].get("files", {}))
+            key = _key(str(record.get("data", {}).get("serial", "")))
+            if key in waiting and record["event"] == AuditEvent.ISSUED:
+                found.setdefault(waiting[key], record["data"].get("files", {}))
             elif record["event"] == AuditEvent.INTENT:
-                waiting.discard(serial)
+                waiting.pop(key, None)
                 if not waiting:
                     break
     return found
+
+
+def _key(serial: str) -> str:
+    try:
+        return canonical_serial(serial)
+    except ValueError:
+        return serial
 
 
 def _lines_backwards(path: Path, block: int = 1 << 20) -> Iterator[bytes]:

@@ -23,6 +23,7 @@ from ..hsm.transport import TransportKeyCheck
 from ..hsm.transport import identify as identify_transport_key
 from ..keyprofile import KeyProfile
 from ..secret import SecretRef
+from ..serials import serial_hex
 from . import builders
 from .certs import is_ca, load_cert, pem, require_key_matches, thumbprints
 from .keys import HsmDefaults, load_signing_key, save_encrypted_pkcs8
@@ -215,7 +216,7 @@ def describe(cert_path: Path, token: str, defaults: HsmDefaults) -> dict[str, ob
     info: dict[str, object] = {
         "subject": cert.subject.rfc4514_string(),
         "issuer": cert.issuer.rfc4514_string(),
-        "serial": format(cert.serial_number, "X"),
+        "serial": serial_hex(cert.serial_number),
         "not_before": cert.not_valid_before_utc.isoformat(),
         "not_after": cert.not_valid_after_utc.isoformat(),
         "ca": is_ca(cert),

@@ -1,15 +1,19 @@
-"""The typer application, its command groups, and the option types commands share."""
+"""The typer application, its command groups, the option types commands share, and the JSON
+edge: every JSON document a command prints is one object whose ``format`` field names its
+shape and version (``provline.<kind>/<version>``, docs/ci.md)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from .. import __version__, hsm
 from ..ca.keys import HsmDefaults
+from ..errors import ProvlineError
 from ..keyprofile import KeyProfile
 from ..secret import SecretRef
 
@@ -29,7 +33,10 @@ ca_app = typer.Typer(
     "and the transport-key handover.",
     no_args_is_help=True,
 )
-audit_app = typer.Typer(help="Verify a batch's signed audit log offline.", no_args_is_help=True)
+audit_app = typer.Typer(
+    help="The auditor's view: verify a signed audit log offline, show a batch's history.",
+    no_args_is_help=True,
+)
 emulator_app = typer.Typer(
     help="The local DPS + IoT Hub emulator (demo, tests, CI).", no_args_is_help=True
 )
@@ -65,7 +72,18 @@ PassphraseOpt = Annotated[
 ManifestArg = Annotated[Path, typer.Argument(help="Manifest (YAML or CSV).")]
 StationOpt = Annotated[Path, typer.Option("--station", help="Station config (YAML).")]
 BatchIdOpt = Annotated[str | None, typer.Option("--batch-id", help="Override the batch id.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print JSON (errors too): one object, docs/ci.md.")
+]
+OperatorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--operator",
+        envvar="PROVLINE_OPERATOR",
+        help="Who runs it, recorded in the audit log (required by audit.require_operator).",
+    ),
+]
+FORMAT_VERSION = 1  # of every JSON shape below; a change that breaks a reader bumps it
 
 DEFAULT_PIN = "env:PROVLINE_PIN"
 DEFAULT_PASSPHRASE = "env:PROVLINE_ROOT_PASSPHRASE"
@@ -80,10 +98,81 @@ def hsm_defaults(module: str, pin_source: str, softhsm2_conf: str | None) -> Hsm
     )
 
 
-def emit(data: dict[str, object], as_json: bool) -> None:
-    """A record as JSON, or as aligned ``key  value`` lines."""
+def json_format(kind: str) -> str:
+    """The ``format`` value of a JSON document of ``kind`` (docs/ci.md)."""
+    return f"provline.{kind}/{FORMAT_VERSION}"
+
+
+def print_json(kind: str, data: Mapping[str, Any] | Sequence[Any], key: str = "items") -> None:
+    """One JSON object on stdout, ``format`` first; a list goes under ``key``."""
+    body = dict(data) if isinstance(data, Mapping) else {key: list(data)}
+    body.pop("format", None)
+    print(json.dumps({"format": json_format(kind), **body}, indent=2, default=str))
+
+
+# What each exit code means, as the error object names it (README "Exit codes").
+ERROR_KINDS = {
+    1: "unexpected",
+    2: "input",
+    3: "hsm",
+    30: "hsm_module",
+    31: "hsm_token_not_found",
+    32: "hsm_pin",
+    33: "hsm_key_not_found",
+    34: "hsm_mechanism",
+    4: "issuance",
+    5: "registration",
+    51: "registration_refused",
+    6: "audit",
+    61: "audit_unanchored",
+    7: "storage",
+    8: "delivery_refused",
+    130: "stopped",
+    143: "stopped",
+}
+
+
+def print_error_json(
+    exit_code: int,
+    kind: str | None,
+    message: str,
+    *,
+    error: ProvlineError | None = None,
+    problems: Sequence[str] = (),
+) -> None:
+    """The error object (``provline.error/1``) on stdout: one object, the exit code inside,
+    whatever went wrong (docs/ci.md)."""
+    detail: dict[str, Any] = {
+        "kind": kind or ERROR_KINDS.get(exit_code, "error"),
+        "type": type(error).__name__ if error is not None else None,
+        "message": message,
+        "where": error.where if error is not None else "",
+        "what": error.what if error is not None else message,
+        "rule": error.rule if error is not None else "",
+        "problems": list(problems),
+    }
+    print(
+        json.dumps(
+            {"format": json_format("error"), "exit_code": exit_code, "error": detail}, indent=2
+        )
+    )
+
+
+def wants_json(argv: Sequence[str]) -> bool:
+    """Whether the command line asks for JSON (``--json`` before any ``--``)."""
+    for arg in argv:
+        if arg == "--":
+            return False
+        if arg == "--json":
+            return True
+    return False
+
+
+def emit(data: dict[str, object], as_json: bool, kind: str = "record") -> None:
+    """A record as JSON (``format`` ``provline.<kind>/1``), or as aligned ``key  value``
+    lines."""
     if as_json:
-        print(json.dumps(data, indent=2, default=str))
+        print_json(kind, data)
     else:
         width = max(len(k) for k in data)
         for key, value in data.items():

@@ -322,4 +322,5 @@ def ca_show(
     emit(
         ceremony.describe(cert_path, token, hsm_defaults(module, pin_source, softhsm2_conf)),
         as_json,
+        "ca-show",
     )

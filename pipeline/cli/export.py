@@ -39,4 +39,4 @@ def export_cmd(
     anchor_path = root or (st.ca.root_cert if st else None)
     anchor = load_cert(str(anchor_path), where="--root") if anchor_path else None
     summary = export_batch(batch_dir, chosen, anchor)
-    emit(summary.as_dict(), as_json)
+    emit(summary.as_dict(), as_json, "export")

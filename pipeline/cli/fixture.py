@@ -25,6 +25,7 @@ from .app import (
     app,
     emit,
     hsm_defaults,
+    json_format,
 )
 
 fixture_app = typer.Typer(
@@ -100,7 +101,7 @@ def fixture_import_transport(
 @fixture_app.command("show")
 def fixture_show(directory: DirOpt, as_json: JsonOpt = False) -> None:
     """The fixture's keys and every transport key it holds (reads files only)."""
-    emit(ceremony.describe(directory), as_json)
+    emit(ceremony.describe(directory), as_json, "fixture-show")
 
 
 @fixture_app.command("deliver")
@@ -158,7 +159,7 @@ def fixture_deliver(
     # Keys may be on stdout: the summary then goes to stderr.
     out = sys.stderr if summary.destination == "stdout" else sys.stdout
     if as_json:
-        print(json.dumps(data, indent=2), file=out)
+        print(json.dumps({"format": json_format("fixture-deliver"), **data}, indent=2), file=out)
         return
     where = "kept in the token" if keep_in_token else f"{data['form']} to {data['to']}"
     print(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +13,7 @@ from ..config.station import load_station
 from ..errors import MechanismUnsupported
 from ..hsm.softhsm import init_token
 from ..secret import SecretRef
-from .app import DEFAULT_PIN, JsonOpt, PinOpt, StationOpt, hsm_app
+from .app import DEFAULT_PIN, JsonOpt, PinOpt, StationOpt, hsm_app, print_json
 
 
 @hsm_app.command("init")
@@ -51,7 +50,7 @@ def hsm_check(
     mf = load_manifest(manifest) if manifest else None
     report = station_report(st, mf)
     if as_json:
-        print(json.dumps(report.to_json(), indent=2))
+        print_json("hsm-check", report.to_json())
     else:
         for line in report.lines():
             print(line)

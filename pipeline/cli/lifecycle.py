@@ -20,7 +20,7 @@ from ..lifecycle.reconcile import reconcile
 from ..lifecycle.renew import renew
 from ..lifecycle.revoke import revoke
 from ..lifecycle.targets import Targets
-from .app import JsonOpt, StationOpt, app
+from .app import JsonOpt, StationOpt, app, print_json
 
 inventory_app = typer.Typer(
     help="The station inventory: every certificate the station issued.", no_args_is_help=True
@@ -73,7 +73,7 @@ def find_cmd(
     if not found:
         raise InputError(f"{query}: not in the station inventory", rule="provline find")
     if as_json:
-        print(json.dumps([f.to_json() for f in found], indent=2))
+        print_json("find", [f.to_json() for f in found], key="certificates")
     for f in [] if as_json else found:
         c, d = f.certificate, f.device
         print(
@@ -114,7 +114,7 @@ def revoke_cmd(
         note=_note,
     )
     if as_json:
-        print(json.dumps(result.to_json(), indent=2))
+        print_json("revoke", result.to_json())
     else:
         print(f"revoke {result.operation or '-'}: {result.state}, {result.devices} devices")
         if result.already:
@@ -165,7 +165,7 @@ def renew_cmd(
             note=_note,
         )
     if as_json:
-        print(json.dumps(result.to_json(), indent=2))
+        print_json(result.kind, result.to_json())
     else:
         print(f"{result.kind} {result.operation}: {result.state}, {result.devices} devices")
         if result.kind == "renew":
@@ -189,7 +189,7 @@ def expiring_cmd(
     """Active certificates that expire within the given time (what needs renewal)."""
     rows = queries.expiring(load_station(station), queries.parse_duration(within))
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print_json("expiring", rows, key="certificates")
         return
     for row in rows:
         staged = "  (renewal staged)" if row["renewal_staged"] else ""
@@ -210,7 +210,7 @@ def reconcile_cmd(
     drift. Exit 5 while drift remains."""
     report = reconcile(load_station(station), fix=fix, operations_per_minute=pace, note=_note)
     if as_json:
-        print(json.dumps(report.to_json(), indent=2))
+        print_json("reconcile", report.to_json())
     else:
         print(report.table(), end="")
     raise typer.Exit(RegistrationError.exit_code if report.remaining else 0)
@@ -226,7 +226,7 @@ def inventory_rebuild_cmd(
 ) -> None:
     """Make the inventory again from the sealed batch directories under the station's output
     and the lifecycle log, each only after it verifies (exit 6 otherwise)."""
-    _emit(rebuild(load_station(station), root, note=_note), as_json)
+    _emit(rebuild(load_station(station), root, note=_note), as_json, "inventory-rebuild")
 
 
 @inventory_app.command("sync")
@@ -236,18 +236,18 @@ def inventory_sync_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Record batches from their journals (what `provline run` does when it ends)."""
-    _emit(sync(load_station(station), batch_dirs), as_json)
+    _emit(sync(load_station(station), batch_dirs), as_json, "inventory-sync")
 
 
 @inventory_app.command("show")
 def inventory_show_cmd(station: StationOpt, as_json: JsonOpt = False) -> None:
     """Counts per state, the CRLs, an unfinished operation."""
-    _emit(queries.show(load_station(station)), as_json)
+    _emit(queries.show(load_station(station)), as_json, "inventory-show")
 
 
-def _emit(data: dict[str, Any], as_json: bool) -> None:
+def _emit(data: dict[str, Any], as_json: bool, kind: str) -> None:
     if as_json:
-        print(json.dumps(data, indent=2, default=str))
+        print_json(kind, data)
         return
     for key, value in data.items():
         text = json.dumps(value, default=str) if isinstance(value, dict | list) else value

@@ -47,6 +47,7 @@ class CustodyConfig:
 class AuditConfig:
     key: Pkcs11Uri
     cert: Path
+    require_operator: bool = False  # every run must name its operator (--operator)
 
 
 # Registration pacing defaults. DPS allows 1,000 operations a minute per service and at most
@@ -281,10 +282,11 @@ class _Reader:
         if "audit" not in doc:
             return None
         section = self.check.section(doc, "audit")
-        self.check.keys(section, {"key", "cert"}, {"key", "cert"}, "audit.")
+        self.check.keys(section, {"key", "cert", "require_operator"}, {"key", "cert"}, "audit.")
         key = self.uri(section, "key", False)
         cert = self.path(section, "cert")
-        return AuditConfig(key=key, cert=cert) if key and cert else None
+        required = self.check.typed(section, "require_operator", bool, False)
+        return AuditConfig(key=key, cert=cert, require_operator=required) if key and cert else None
 
     def key_profiles(self, doc: Mapping) -> tuple[KeyProfile, ...]:
         profiles: list[KeyProfile] = []

@@ -50,6 +50,9 @@ class Config:
     quota_window_seconds: float = 60.0  # the quotas are per minute; tests shorten this
     assign_seconds: float = 2.0  # how long a registration stays "assigning"
     retry_after: int = 3  # the Retry-After sent with 202 assigning
+    # False: like Azure, whose CA certificates are Azure Resource Manager resources, the
+    # service endpoint serves no /certificates (404); CAs stay verified as they were.
+    certificate_api: bool = True
 
 
 def utc_now() -> str:

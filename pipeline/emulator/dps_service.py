@@ -28,6 +28,8 @@ from .state import new_etag
 class DpsServiceApi(EmulatorBase):
     def service_api(self, request: Request) -> Response:
         if request.path[:1] == ["certificates"]:
+            if not self.config.certificate_api:
+                return error(404, 404000, "no such operation")
             return self._certificates(request)
         denied = self._sas(request, self.service_host, "provisioningserviceowner")
         if denied:

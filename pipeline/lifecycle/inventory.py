@@ -110,9 +110,15 @@ def utc_now() -> str:
 
 
 def normalise_hex(text: str) -> str:
-    """Serials and thumbprints as the inventory stores them: upper-case hex, no separators,
-    no leading zeros for serials (``format(n, "X")``)."""
+    """Serials and thumbprints as a query gives them: upper-case hex, no separators. The
+    inventory stores serials as the batch journal wrote them: an even number of digits
+    (:func:`pipeline.serials.serial_hex`), or no leading zero from an older provline."""
     return text.replace(":", "").replace(" ", "").strip().upper()
+
+
+def _even(digits: str) -> str:
+    """Hex digits padded to an even count, as openssl prints a serial."""
+    return digits if len(digits) % 2 == 0 else "0" + digits
 
 
 @dataclass(frozen=True)
@@ -390,11 +396,11 @@ class Inventory:
             return []
         hexed = normalise_hex(text)
         rows = self.db.execute(
-            f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial = ?1 UNION "
+            f"SELECT {_CERT_COLUMNS} FROM certificates WHERE serial IN (?1, ?4) UNION "
             f"SELECT {_CERT_COLUMNS} FROM certificates WHERE sha1 = ?2 UNION "
             f"SELECT {_CERT_COLUMNS} FROM certificates WHERE sha256 = ?2 UNION "
             f"SELECT {_CERT_COLUMNS} FROM certificates WHERE registration_id = ?3",
-            (hexed.lstrip("0") or "0", hexed, text.lower()),
+            (hexed.lstrip("0") or "0", hexed, text.lower(), _even(hexed.lstrip("0") or "0")),
         ).fetchall()
         found = [_cert(r) for r in rows]
         return [Found(c, self.device(c.registration_id)) for c in found]

@@ -40,6 +40,7 @@ from ..config.station import CustodyConfig, Station
 from ..errors import HsmError, RegistrationError, ValidationFailed
 from ..files import sync_filesystem
 from ..keyprofile import KeyProfile
+from ..serials import serial_hex
 from ..vocabulary import AuditEvent, CertificateStatus, Custody, RegistrationMode
 from . import enrollments
 from .crl import SUPERSEDED, IssuedCrl, issue_crl
@@ -369,7 +370,7 @@ def _issue(lc: Lifecycle, op: Operation, directory: Path) -> None:
                         },
                     )
                 )
-            serials[rid] = format(random_serial(), "X")
+            serials[rid] = serial_hex(random_serial())
             events.append(
                 (
                     AuditEvent.RENEWAL_INTENT,

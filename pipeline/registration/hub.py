@@ -47,6 +47,35 @@ class HubRegistry:
             else DeviceState.CONFLICT
         )
 
+    def auth_type(self, device_id: str) -> str | None:
+        """The authentication type of the identity ``device_id`` (``sas``, ``selfSigned``,
+        ``certificateAuthority``), None when there is none (read-only)."""
+        try:
+            device = self._manager.get_device(device_id)
+        except Exception as exc:
+            error = service_error(exc)
+            if error.status == 404:
+                return None
+            raise error from exc
+        auth = device.authentication
+        return str(auth.type) if auth is not None else ""
+
+    def identities_page(
+        self, continuation: str | None, page_size: int
+    ) -> tuple[dict[str, str], str | None]:
+        """One page of the identity registry as the twin query returns it (device id →
+        authentication type) and the continuation of the next page, if any (read-only)."""
+        from azure.iot.hub.models import QuerySpecification
+
+        try:
+            result = self._manager.query_iot_hub(
+                QuerySpecification(query="SELECT * FROM devices"), continuation, str(page_size)
+            )
+        except Exception as exc:
+            raise service_error(exc) from exc
+        items = {str(t.device_id): str(t.authentication_type or "") for t in result.items or []}
+        return items, result.continuation_token or None
+
 
 def service_error(exc: Exception) -> ServiceError:
     """The SDK's HttpOperationError (or a connection error) as the ServiceError the retry

@@ -17,8 +17,6 @@ from ..ca.validation import PathError, validate_client_path
 from ..layout import FULL_CHAIN
 from .target import Target
 
-MAX_PROBLEMS = 20
-
 
 def check_chain(
     chain: list[x509.Certificate],
@@ -56,8 +54,8 @@ def preflight(
     must_contain: x509.Certificate | None,
     verified: set[str] | None,
 ) -> list[str]:
-    """Problems (at most :data:`MAX_PROBLEMS`) that would make DPS refuse a device, one line
-    each, naming the bundle file."""
+    """Every problem that would make DPS refuse a device, one line each, naming the bundle
+    file: all of them, so that a count of what is left out is the true count."""
     problems = []
     for t in targets:
         path = t.bundle / FULL_CHAIN
@@ -74,6 +72,4 @@ def preflight(
         )
         if problem:
             problems.append(f"{path}: {problem}")
-        if len(problems) >= MAX_PROBLEMS:
-            break
     return problems

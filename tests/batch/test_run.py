@@ -27,8 +27,19 @@ from pipeline.errors import InputError, ValidationFailed
 from pipeline.keyprofile import KeyProfile
 from pipeline.run import run_batch
 from pipeline.secret import SecretRef
+from pipeline.serials import serial_hex
 
-from ..support import CA, MODULE, PROVLINE, ROOT, Hsm, openssl, provline, write_station
+from ..support import (
+    CA,
+    MODULE,
+    PROVLINE,
+    ROOT,
+    Hsm,
+    audit_events,
+    openssl,
+    provline,
+    write_station,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -115,6 +126,10 @@ def _verify_all(batch: Path, c: CA, rids: list[str]) -> None:
         ]
 
 
+def _device_json(batch: Path, rid: str) -> dict:
+    return json.loads((batch / rid / "device.json").read_text())
+
+
 def _bundle_files_match_device_json(batch: Path, rid: str) -> dict:
     import hashlib
 
@@ -148,7 +163,7 @@ def test_wrapped_batch_of_200(
         info = _bundle_files_match_device_json(batch, rid)
         cert = x509.load_pem_x509_certificate((batch / rid / "device.cert.pem").read_bytes())
         serials.add(cert.serial_number)
-        assert info["serial"] == format(cert.serial_number, "X")
+        assert info["serial"] == serial_hex(cert.serial_number) and len(info["serial"]) % 2 == 0
         assert info["tags"] == {"line": "A"}
         assert info["key"]["wrap_mechanism"] == "CKM_AES_KEY_WRAP_PAD"  # SoftHSM2: RFC 5649
         assert info["key"]["transport_key_check_method"] == "CKA_CHECK_VALUE"
@@ -168,6 +183,19 @@ def test_wrapped_batch_of_200(
             key = serialization.load_der_private_key(pkcs8[:length], None)
             assert key.public_key() == cert.public_key()
     assert len(serials) == 200
+    # serials are written as openssl prints them: an even number of hex digits
+    printed = openssl("x509", "-serial", "-noout", "-in", str(batch / rids[0] / "device.cert.pem"))
+    assert printed.stdout.decode().strip() == f"serial={_device_json(batch, rids[0])['serial']}"
+    odd = [r for r in rids if len(format(int(_device_json(batch, r)["serial"], 16), "X")) % 2]
+    assert odd, "about half of random serials have an odd number of significant hex digits"
+    for rid in odd[:5]:
+        shown = openssl("x509", "-serial", "-noout", "-in", str(batch / rid / "device.cert.pem"))
+        assert shown.stdout.decode().strip() == f"serial={_device_json(batch, rid)['serial']}"
+    journal = sqlite3.connect(batch / "journal.sqlite")
+    logged = {e["data"]["serial"] for e in audit_events(batch) if e["event"] == "intent"}
+    stored = {s for (s,) in journal.execute("SELECT serial FROM serials")}
+    journal.close()
+    assert logged == stored and all(len(s) % 2 == 0 for s in logged)
     # no device key is left in the token: wrapped keys were session objects
     labels = {o.label for o in _token(hsm_env).objects(ObjectClass.PRIVATE_KEY)}
     assert not any(label and label.startswith("wr-") for label in labels)
@@ -271,7 +299,7 @@ def test_one_worker_and_rerun_is_a_no_op(hsm_env: Hsm, ca_env: CA, tmp_path: Pat
     assert second.report.serials == {"issued": 50}
     assert before == {p: p.stat().st_mtime_ns for p in first.batch_dir.rglob("device.cert.pem")}
     proc = provline("status", str(first.batch_dir), "--json")
-    assert json.loads(proc.stdout)["devices.bundled"] == 50
+    assert json.loads(proc.stdout)["devices"]["by_state"] == {"bundled": 50}
 
 
 def _set_state(batch: Path, rid: str, state: str) -> str:

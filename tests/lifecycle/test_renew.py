@@ -46,7 +46,7 @@ def test_renew_and_promote_individual_and_group(
 
     expiring = json.loads(
         provline("expiring", "--within", "400d", "--station", str(path), "--json", env=env).stdout
-    )
+    )["certificates"]
     assert {row["registration_id"] for row in expiring} == {
         "rind-0001",
         "rind-0002",
@@ -84,7 +84,7 @@ def test_renew_and_promote_individual_and_group(
     )
     staged = json.loads(
         provline("expiring", "--within", "400d", "--station", str(path), "--json", env=env).stdout
-    )
+    )["certificates"]
     assert {r["registration_id"] for r in staged if r["renewal_staged"]} == set(old)
 
     # the new certificate works; so does the old one, until promoted
@@ -142,7 +142,9 @@ def test_renew_and_promote_individual_and_group(
         assert reason is x509.ReasonFlags.superseded
         assert crl_rejects(ca_env.chain, crl_file, old[rid] / DEVICE_CERT)[0]
         assert not crl_rejects(ca_env.chain, crl_file, new[rid] / DEVICE_CERT)[0]
-    found = json.loads(provline("find", "rgrp-0001", "--station", str(path), "--json").stdout)
+    found = json.loads(provline("find", "rgrp-0001", "--station", str(path), "--json").stdout)[
+        "certificates"
+    ]
     assert sorted(f["certificate"]["status"] for f in found) == ["active", "retired"]
     proc = provline(
         "audit",
@@ -186,7 +188,9 @@ def test_rebuild_makes_the_same_inventory_from_signed_material(
             provline("inventory", "show", "--station", str(path), "--json", env=env).stdout
         )
         found = {
-            rid: json.loads(provline("find", rid, "--station", str(path), "--json").stdout)
+            rid: json.loads(provline("find", rid, "--station", str(path), "--json").stdout)[
+                "certificates"
+            ]
             for rid in ("rb-0001", "rb-0002", "rb-0003", "rbg-0001", "rbg-0002")
         }
         return shown, found

@@ -48,7 +48,7 @@ def test_revoke_individual_group_and_batch(
 
     found = json.loads(
         provline("find", "ind-0001", "--station", str(path), "--json", env=env).stdout
-    )
+    )["certificates"]
     assert [f["certificate"]["status"] for f in found] == ["active"]
     assert found[0]["certificate"]["batch_id"] == "ind"
     assert found[0]["device"]["mode"] == "individual"
@@ -168,7 +168,9 @@ def test_revoke_individual_group_and_batch(
     # find answers for a serial and a thumbprint too
     sha1 = json.loads((ind / "ind-0001" / "device.json").read_text())["sha1_thumbprint"]
     for query in (serial, sha1.lower()):
-        found = json.loads(provline("find", query, "--station", str(path), "--json").stdout)
+        found = json.loads(provline("find", query, "--station", str(path), "--json").stdout)[
+            "certificates"
+        ]
         assert [
             (f["certificate"]["registration_id"], f["certificate"]["status"]) for f in found
         ] == [("ind-0001", "revoked")]

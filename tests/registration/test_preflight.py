@@ -73,3 +73,22 @@ def test_a_leaf_signing_a_leaf_is_refused_although_every_signature_verifies(
     target = Target("dev-rogue", "dev-rogue", {}, {}, bundle)
     [line] = preflight([target], root, None, None)
     assert line.startswith(f"{bundle / FULL_CHAIN}: the chain does not validate")
+
+
+def test_every_refused_bundle_is_counted(
+    pki: tuple[x509.Certificate, Issuer, x509.Certificate, ec.EllipticCurvePrivateKey],
+    tmp_path: Path,
+) -> None:
+    """The run's "(+N more)" is the true count: no problem is dropped after the first few."""
+    root, issuer, leaf, _ = pki
+    chain = b"".join(pem(c) for c in (leaf, issuer.cert, root))
+    targets = []
+    for n in range(30):  # the leaf's CN is dev-001: every other registration ID is refused
+        bundle = tmp_path / f"dev-{n:03d}"
+        bundle.mkdir()
+        (bundle / DEVICE_CERT).write_bytes(pem(leaf))
+        (bundle / FULL_CHAIN).write_bytes(chain)
+        targets.append(Target(f"dev-{n:03d}", f"dev-{n:03d}", {}, {}, bundle))
+    problems = preflight(targets, root, None, None)
+    assert len(problems) == 29
+    assert not any("dev-001/" in p for p in problems)

@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config.manifest import load_manifest
 from pipeline.config.station import load_station
-from pipeline.errors import RegistrationError
+from pipeline.errors import RegistrationRefused
 from pipeline.registration.stage import RegisterOptions
 from pipeline.run import run_batch
 
@@ -129,16 +129,20 @@ def test_hub_mode_makes_identities(
 def test_faults_and_a_tight_quota_still_register_everything_once(
     hsm_env: Hsm, ca_env: CA, emu: Emu, tmp_path: Path
 ) -> None:
-    (emu.dir / "faults.json").write_text(json.dumps({"error_rate": 0.2, "drop_rate": 0.1}))
+    (emu.dir / "faults.json").write_text(json.dumps({"error_rate": 0.25, "drop_rate": 0.1}))
     station = load_station(_station(tmp_path, hsm_env, ca_env, emu))
-    manifest = load_manifest(_manifest(tmp_path, "flaky", "fl-", 60, "individual"))
+    # 120 devices: about 20 calls (pre-issue check, CA upload and proof, 12 bulk), so that
+    # none meeting a fault is about a 1-in-1,500 chance
+    manifest = load_manifest(_manifest(tmp_path, "flaky", "fl-", 120, "individual"))
     options = RegisterOptions(upload_ca=True, operations_per_minute=300, concurrency=4)
     result = run_batch(manifest, station, register=options)
     (emu.dir / "faults.json").write_text("{}")
-    assert result.report.counts == {"registered": 60}, result.report.failures
-    assert result.report.stages["register"].retries > 0
+    assert result.report.counts == {"registered": 120}, result.report.failures
+    # the faults hit the pre-issue check and CA proof (plan) and registration alike
+    stages = result.report.stages
+    assert (stages["plan"].retries or 0) + (stages["register"].retries or 0) > 0
     enrolled = _enrollments(emu)
-    assert len(enrolled) == len({e["registrationId"] for e in enrolled}) == 60
+    assert len(enrolled) == len({e["registrationId"] for e in enrolled}) == 120
 
 
 def test_emulator_stopped_mid_stage_then_resumed(
@@ -194,14 +198,16 @@ def test_conflicting_enrollment_is_reported_not_overwritten(
         before = put.json()["etag"]
     station = load_station(_station(tmp_path, hsm_env, ca_env, emu))
     manifest = load_manifest(_manifest(tmp_path, "conflict", "cf-", 3, "individual"))
-    result = run_batch(manifest, station, register=RegisterOptions(upload_ca=True))
-    assert result.exit_code == 5
-    assert result.report.counts == {"registered": 2, "conflict": 1}
-    assert result.report.failures[0]["registration_id"] == "cf-0002"
-    assert "another certificate" in result.report.failures[0]["reason"]
+    # refused before anything is signed: the batch is never created
+    with pytest.raises(RegistrationRefused) as info:
+        run_batch(manifest, station, register=RegisterOptions(upload_ca=True))
+    assert info.value.exit_code == 51
+    assert "cf-0002: already enrolled in DPS" in info.value.line()
+    assert not (tmp_path / "out").exists()
     with emu.service() as svc:
         assert svc.get("/enrollments/cf-0002").json()["etag"] == before
-    replaced = run_batch(manifest, station, register=RegisterOptions(replace=True))
+    assert len(_enrollments(emu)) == 1
+    replaced = run_batch(manifest, station, register=RegisterOptions(replace=True, upload_ca=True))
     assert replaced.exit_code == 0 and replaced.report.counts == {"registered": 3}
 
 
@@ -210,15 +216,19 @@ def test_preflight_refuses_chains_dps_would_reject(
 ) -> None:
     station_path = _station(tmp_path, hsm_env, ca_env, emu)
     manifest = _manifest(tmp_path, "pre", "pre-", 3, "individual")
-    # the CA was never verified by proof of possession on this DPS: devices would get 401002
-    with pytest.raises(RegistrationError) as info:
+    # the CA was never verified by proof of possession on this DPS: devices would get 401002,
+    # so the run refuses before it signs anything
+    with pytest.raises(RegistrationRefused) as info:
         run_batch(load_manifest(manifest), load_station(station_path))
     assert "proof of possession" in info.value.line()
     assert _enrollments(emu) == []
+    assert not (tmp_path / "out").exists()
     proc = provline(
         "run", str(manifest), "--station", str(station_path), env=hsm_env.env(), check=False
     )
-    assert proc.returncode == 5 and "chain pre-flight" in proc.stderr
+    assert proc.returncode == 51, proc.stderr
+    assert "is verified by proof of possession" in proc.stderr and "--upload-ca" in proc.stderr
+    assert not (tmp_path / "out").exists()
     proc = provline(
         "run",
         str(manifest),
@@ -257,7 +267,9 @@ def test_device_check_registers_and_sends_telemetry(
         "--json",
         env=env,
     )
-    [result] = json.loads(check.stdout)
+    document = json.loads(check.stdout)
+    assert document["format"] == "provline.verify-device/1"
+    [result] = document["devices"]
     assert result["status"] == "assigned" and result["device_id"] == "sm-0002"
     with emu.service() as svc:
         state = svc.get("/registrations/sm-0002").json()
@@ -271,13 +283,14 @@ def test_plan_diffs_manifest_journal_and_dps(
 ) -> None:
     station_path = _station(tmp_path, hsm_env, ca_env, emu)
     manifest = _manifest(tmp_path, "planned", "pl-", 6, "individual")
-    before = json.loads(
-        provline(
-            "plan", str(manifest), "--station", str(station_path), "--json", env=hsm_env.env()
-        ).stdout
-    )
+    args = ("plan", str(manifest), "--station", str(station_path), "--json")
+    before = json.loads(provline(*args, "--upload-ca", env=hsm_env.env()).stdout)
+    assert before["format"] == "provline.plan/1" and before["exit_code"] == 0
     assert before["journal"] == {"new": 6} and before["would_issue"] == 6
-    assert before["dps"]["missing"] == 6
+    assert before["would_register"] == 6
+    assert before["target"]["lookups"]["missing"] == 6
+    assert before["target"]["ca"] == "will_upload"
+    assert before["target"]["id_scope"] == emu.info["id_scope"]
     assert not (tmp_path / "out").exists()  # no side effect
     run_batch(
         load_manifest(manifest),
@@ -300,20 +313,34 @@ def test_plan_diffs_manifest_journal_and_dps(
                 },
             },
         )
-        svc.delete("/enrollments/pl-0005", headers={"If-Match": "*"})
-    after = json.loads(
-        provline(
-            "plan", str(manifest), "--station", str(station_path), "--json", env=hsm_env.env()
-        ).stdout
-    )
+    # the batch is registered: run registers nothing, so plan asks DPS nothing (drift in
+    # registered devices is reconcile's business)
+    after = json.loads(provline(*args, env=hsm_env.env()).stdout)
     assert after["journal"] == {"registered": 6} and after["would_issue"] == 0
-    assert after["dps"] == {
+    assert after["would_register"] == 0 and after["already_registered"] == 6
+    assert after["target"] is None and after["exit_code"] == 0
+    # a new lot reusing two of those registration IDs would conflict
+    reuse = tmp_path / "reuse.yaml"
+    reuse.write_text(
+        "batch_id: reuse\nregistration: individual\n"
+        "devices: [{registration_id: pl-0003}, {registration_id: pl-0004}, "
+        "{registration_id: pl-0009}]\n"
+    )
+    refused = provline(
+        "plan", str(reuse), "--station", str(station_path), "--json", env=hsm_env.env(), check=False
+    )
+    assert refused.returncode == 51, refused.stderr
+    plan = json.loads(refused.stdout)
+    assert plan["target"]["lookups"] == {
         "missing": 1,
-        "enrolled_same_certificate": 4,
-        "enrolled_other_certificate": 1,
-        "enrolled_not_issued_yet": 0,
+        "same_certificate": 0,
+        "other_certificate": 0,
+        "not_issued_yet": 2,
     }
-    assert after["would_conflict"] == ["pl-0003"]
+    assert [c["registration_id"] for c in plan["target"]["conflicts"]["listed"]] == [
+        "pl-0003",
+        "pl-0004",
+    ]
 
 
 def test_device_check_of_retained_keys_signs_inside_the_hsm(
@@ -332,7 +359,7 @@ def test_device_check_of_retained_keys_signs_inside_the_hsm(
         "--json",
         env=hsm_env.env(),
     )
-    results = json.loads(check.stdout)
+    results = json.loads(check.stdout)["devices"]
     assert [r["registration_id"] for r in results] == ["rtk-0001", "rtk-0003"]
     assert all(r["status"] == "assigned" and r["telemetry"] == "sent" for r in results)
     assert hsm_env.pin_file.read_text().strip() not in check.stdout + check.stderr
