@@ -25,14 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
 
-from ..ca.certs import thumbprints
 from ..errors import AuditError
-from ..layout import AUDIT_LOG, AUDIT_SEAL, CRL_DIR, DEVICE_JSON, RENEWALS_DIR, TEMP_SUFFIX
+from ..layout import AUDIT_LOG, CRL_DIR, DEVICE_JSON, RENEWALS_DIR, TEMP_SUFFIX
 from ..serials import canonical_serial, serial_hex
 from ..vocabulary import AuditEvent
-from .verify import _read_seal, _records
+from .sealed import read_sealed
 
 
 @dataclass
@@ -85,35 +83,14 @@ def verify_lifecycle(directory: Path, root: x509.Certificate | None = None) -> L
     summary = LifecycleSummary(
         station=first["data"].get("station", ""), ca_sha256=first["data"].get("ca_sha256", {})
     )
-    seal = _read_seal(directory / AUDIT_SEAL, root, summary.ca_sha256)
-    summary.signer = seal.signer.subject.rfc4514_string()
     replay = _Replay(log_path)
-    digest = hashes.Hash(seal.algorithm)
-    last: dict[str, Any] = {}
-    for number, record in _records(log_path, digest):
-        replay.feed(number, record)
-        summary.first_time = summary.first_time or record["time"]
-        last, summary.lines = record, number
-    summary.last_time = last["time"]
-    if digest.finalize() != seal.message_digest:
-        raise AuditError(
-            f"the signature does not cover this {AUDIT_LOG} (changed, truncated or extended "
-            "after sealing)",
-            where=str(seal.path),
-            rule="CMS message digest",
-        )
-    if last["event"] != AuditEvent.SEAL:
-        raise AuditError(
-            f"the log ends with {last['event']!r}, not the seal event",
-            where=f"{log_path}:{summary.lines}",
-            rule="sealed logs end with seal",
-        )
-    if last["data"].get("signer_sha256") != thumbprints(seal.signer).sha256:
-        raise AuditError(
-            "the seal event names another signer than the signature's",
-            where=f"{log_path}:{summary.lines}",
-            rule="seal names its signer",
-        )
+    sealed = read_sealed(directory, root, summary.ca_sha256, replay.feed)
+    summary.signer = sealed.seal.signer.subject.rfc4514_string()
+    summary.lines, summary.first_time, summary.last_time = (
+        sealed.lines,
+        sealed.first_time,
+        sealed.last_time,
+    )
     replay.check_serials()
     summary.files_checked = _check_renewals(directory, replay.bundles)
     summary.crls = _check_crls(directory, replay)

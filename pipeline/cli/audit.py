@@ -17,8 +17,9 @@ from cryptography import x509
 
 from ..audit.fixture_verify import is_delivery_log, verify_delivery_log
 from ..audit.lifecycle_verify import LifecycleSummary, is_lifecycle_log, verify_lifecycle
+from ..audit.sealed import embedded_root
 from ..audit.show import show_batch
-from ..audit.verify import embedded_root, verify_batch
+from ..audit.verify import verify_batch
 from ..ca.certs import load_cert, thumbprints
 from ..errors import AuditUnanchored
 from ..layout import AUDIT_SEAL

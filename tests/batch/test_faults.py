@@ -23,6 +23,7 @@ from pkcs11 import ObjectClass
 from pipeline import hsm
 from pipeline.batch.journal import Journal
 from pipeline.secret import SecretRef
+from pipeline.serials import serial_hex
 
 from ..support import (
     CA,
@@ -459,7 +460,7 @@ def test_recovered_void_and_released_serials_are_told_apart(
     provline(
         "ca", "crl", str(batch), "--station", str(station), "--out", str(crl), env=hsm_env.env()
     )
-    revoked = [format(r.serial_number, "X") for r in x509.load_pem_x509_crl(crl.read_bytes())]
+    revoked = [serial_hex(r.serial_number) for r in x509.load_pem_x509_crl(crl.read_bytes())]
     assert revoked == [torn]
 
 

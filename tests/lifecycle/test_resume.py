@@ -18,6 +18,7 @@ from cryptography import x509
 
 from pipeline.config.station import Station
 from pipeline.lifecycle.paths import lifecycle_dir
+from pipeline.serials import serial_hex
 
 from ..support import CA, PROVLINE, ROOT, Emu, Hsm, provline
 from .support import batch, load, log_events, station_file
@@ -129,7 +130,7 @@ def test_kill_during_a_2000_device_renewal(
     if voids:  # serials that may have been signed but never delivered are revoked
         [crl_file] = (life / "crl").glob("*.crl.pem")
         listed = {
-            format(r.serial_number, "X") for r in x509.load_pem_x509_crl(crl_file.read_bytes())
+            serial_hex(r.serial_number) for r in x509.load_pem_x509_crl(crl_file.read_bytes())
         }
         assert voids <= listed
     enrolled = {e["registrationId"]: e for e in _enrollments(emu)}

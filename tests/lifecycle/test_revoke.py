@@ -12,6 +12,7 @@ from cryptography import x509
 
 from pipeline.layout import AUDIT_LOG, DEVICE_CERT
 from pipeline.lifecycle.paths import lifecycle_dir
+from pipeline.serials import serial_hex
 
 from ..support import CA, Emu, Hsm, openssl, provline
 from .support import (
@@ -137,7 +138,7 @@ def test_revoke_individual_group_and_batch(
         (crl.next_update_utc - crl.last_update_utc).days == 3
     )
     reasons = {
-        format(r.serial_number, "X"): r.extensions.get_extension_for_class(
+        serial_hex(r.serial_number): r.extensions.get_extension_for_class(
             x509.CRLReason
         ).value.reason.name
         for r in crl
