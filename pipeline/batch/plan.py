@@ -24,6 +24,7 @@ from ..registration.service import enrolled_thumbprints
 from ..vocabulary import Custody, DeviceState, RegistrationMode
 from .capability import station_report
 from .journal import Journal
+from .requests import request_problems
 from .signing import find_transport_key, open_station_keys
 
 
@@ -76,6 +77,7 @@ def check_inputs(manifest: Manifest, station: Station, now: dt.datetime | None =
             problems.append(exc.line())
     if why := _output_problem(station.output, manifest.batch_id):
         problems.append(f"{station.where('output')}: output {why} (output directory writable)")
+    problems += request_problems(manifest, station)  # custody device: every CSR, all at once
     if problems:
         raise ValidationFailed(problems)
     assert chain is not None

@@ -24,6 +24,7 @@ from . import (  # noqa: F401  (each registers its commands)
     fixture,
     hsm,
     lifecycle,
+    sign,
 )
 from .app import app
 
