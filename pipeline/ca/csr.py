@@ -209,6 +209,9 @@ def _public_key(request: x509.CertificateSigningRequest) -> PublicKey | None:
 def _check_signature(request: x509.CertificateSigningRequest) -> None:
     try:
         algorithm = request.signature_hash_algorithm
+        if not isinstance(algorithm, _STRONG_HASHES):
+            name = algorithm.name.upper() if algorithm is not None else "no hash"
+            raise problem(f"it is signed with {name}", "CSRs are signed with SHA-256 or stronger")
         valid = request.is_signature_valid
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise problem(
@@ -216,9 +219,6 @@ def _check_signature(request: x509.CertificateSigningRequest) -> None:
         ) from None
     if not valid:
         raise problem("its signature does not verify with its own key", POSSESSION_RULE)
-    if not isinstance(algorithm, _STRONG_HASHES):
-        name = algorithm.name.upper() if algorithm is not None else "no hash"
-        raise problem(f"it is signed with {name}", "CSRs are signed with SHA-256 or stronger")
 
 
 def _check_profile(public: PublicKey, profile: KeyProfile) -> None:
