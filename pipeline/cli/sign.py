@@ -26,7 +26,7 @@ from ..batch.sign import (
 )
 from ..ca.csr import MAX_CSR_BYTES, check_request
 from ..config.station import load_station
-from ..errors import InputError, ProvlineError
+from ..errors import InputError, Interrupted, ProvlineError, exit_code_of
 from ..files import write_all
 from ..keyprofile import KeyProfile
 from ..registration.stage import RegisterOptions
@@ -130,7 +130,12 @@ def sign_cmd(
         if registration_id is not None:
             raise InputError("--registration-id is per request with --serve", rule="usage")
         progress = Silent() if quiet else Lines()
-        result = sign_session(st, batch_id, requests_from(0), answers_to(1), progress)
+        try:
+            result = sign_session(st, batch_id, requests_from(0), answers_to(1), progress)
+        except KeyboardInterrupt as exc:  # the session stopped cleanly; its report says so
+            name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+            print(f"stopped by {name}: the lot stays open", file=sys.stderr)
+            raise typer.Exit(exit_code_of(exc)) from exc
         raise typer.Exit(result.exit_code)
     request = SignRequest(_stdin_request(), registration_id)
     settings, _ = read_lot(st, batch_id)
