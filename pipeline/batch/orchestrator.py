@@ -31,7 +31,7 @@ import asyncio
 import multiprocessing
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -79,7 +79,7 @@ from ..vocabulary import REGISTRATION_EVENTS, AuditEvent, Custody, DeviceState, 
 from . import ledger
 from .capability import require_station_capabilities
 from .custody import remove_orphans, warn_pkcs8
-from .journal import Journal
+from .journal import Journal, RequestRow
 from .plan import check_inputs
 from .progress import ProgressSink, Silent
 from .records import IssuedBundle, KeyReference, PendingDevice
@@ -379,11 +379,12 @@ def _open_batch(ctx: _Context) -> tuple[Journal, bool]:
         (d.registration_id, d.device_id, {"tags": d.tags, "desired": d.desired})
         for d in ctx.manifest.devices()
     )
-    requests = (
-        (r.registration_id, r.der, r.csr_sha256, r.public_key_sha256)
-        for r in batch_requests(ctx.manifest)
-        if ctx.station.custody.policy is Custody.DEVICE
-    )
+    requests: Iterable[RequestRow] = ()
+    if ctx.station.custody.policy is Custody.DEVICE:
+        requests = (
+            (r.registration_id, r.der, r.csr_sha256, r.public_key_sha256)
+            for r in batch_requests(ctx.manifest)
+        )
     if Journal.exists(ctx.batch_dir):
         journal = Journal.open(ctx.batch_dir, create=True)
         if journal.planned():
