@@ -37,7 +37,8 @@ def audit_verify_cmd(
     anchor = load_cert(str(root), where="--root") if root else None
     if is_lifecycle_log(batch_dir):  # a station lifecycle directory (docs/lifecycle.md)
         _print_lifecycle(verify_lifecycle(batch_dir, anchor), root, as_json)
-    elif is_delivery_log(batch_dir):  # a fixture's or a station's ceremony log
+        return
+    if is_delivery_log(batch_dir):  # a fixture's or a station's ceremony log
         log = verify_delivery_log(batch_dir, anchor)
         if as_json:
             print(json.dumps({"verified": True, **log.as_dict()}, indent=2))

@@ -7,13 +7,10 @@ Synchronous, like the SDK; callers run it in threads behind their pacing
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InputError
-from ..registration.endpoints import Endpoints
-from ..registration.service import ServiceError
+from ..registration.hub import HubRegistry, service_error
 
 
 @dataclass(frozen=True)
@@ -25,22 +22,8 @@ class Identity:
     etag: str
 
 
-class HubIdentities:
-    def __init__(self, endpoints: Endpoints) -> None:
-        if endpoints.hub_cs is None:
-            raise InputError(
-                "no IoT Hub connection string",
-                rule="dps.hub_connection_string, or dps.emulator_dir",
-            )
-        if endpoints.tls_ca_file:  # msrest/requests reads its trust store from here
-            os.environ["REQUESTS_CA_BUNDLE"] = str(endpoints.tls_ca_file)
-        from azure.iot.hub import IoTHubRegistryManager
-
-        cs = endpoints.hub_cs
-        self.host = cs.host
-        self._manager = IoTHubRegistryManager.from_connection_string(
-            f"HostName={cs.host};SharedAccessKeyName={cs.key_name};SharedAccessKey={cs.key}"
-        )
+class HubIdentities(HubRegistry):
+    """The registry client of registration, plus what lifecycle operations do to identities."""
 
     def serves(self, assigned_hub: str | None) -> bool:
         """Whether ``assigned_hub`` (a DPS registration's) is this hub (ports ignored)."""
@@ -52,7 +35,7 @@ class HubIdentities:
         try:
             device = self._manager.get_device(device_id)
         except Exception as exc:
-            error = _service_error(exc)
+            error = service_error(exc)
             if error.status == 404:
                 return None
             raise error from exc
@@ -64,7 +47,7 @@ class HubIdentities:
         try:
             device = self._manager.get_device(device_id)
         except Exception as exc:
-            error = _service_error(exc)
+            error = service_error(exc)
             if error.status == 404:
                 return "absent"
             raise error from exc
@@ -80,7 +63,7 @@ class HubIdentities:
         try:
             device = self._manager.get_device(device_id)
         except Exception as exc:
-            error = _service_error(exc)
+            error = service_error(exc)
             if error.status == 404:
                 return "absent"
             raise error from exc
@@ -102,7 +85,7 @@ class HubIdentities:
         try:
             self._manager.create_device_with_certificate_authority(device_id, status)
         except Exception as exc:
-            raise _service_error(exc) from exc
+            raise service_error(exc) from exc
 
     def _put(self, device: Any) -> None:
         etag = str(device.etag or "*")
@@ -112,7 +95,7 @@ class HubIdentities:
                 device.device_id, device, quoted
             )
         except Exception as exc:
-            raise _service_error(exc) from exc
+            raise service_error(exc) from exc
 
 
 def _identity(device: Any) -> Identity:
@@ -129,18 +112,4 @@ def _identity(device: Any) -> Identity:
         str(auth.type if auth is not None else ""),
         prints,
         str(device.etag or ""),
-    )
-
-
-def _service_error(exc: Exception) -> ServiceError:
-    """The SDK's HttpOperationError (or a connection error) as the ServiceError the retry
-    policy understands."""
-    response = getattr(exc, "response", None)
-    if response is None:
-        if isinstance(exc, OSError) or type(exc).__module__.startswith("requests"):
-            return ServiceError(503, None, f"connection: {type(exc).__name__}: {exc}"[:300])
-        raise exc
-    retry = response.headers.get("Retry-After")
-    return ServiceError(
-        int(response.status_code), None, str(exc)[:200], float(retry) if retry else None
     )

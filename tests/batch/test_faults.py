@@ -94,8 +94,8 @@ def test_pin_file_removed_before_workers_start(own_hsm: tuple[Hsm, CA], tmp_path
     assert code == 2, run.stderr
     lines = _errors(run.stderr)
     assert lines == [
-        f"error: {station}: hsm.pin: secret file {h.pin_file} does not exist "
-        "(secrets present in the environment)"
+        f"error: {station}:5: hsm.pin: secret file {h.pin_file} does not exist "
+        "(secrets present in the environment)"  # line 5 of write_station's file: hsm.pin
     ]
     assert again.returncode == 2 and _errors(again.stderr) == lines
     batch = tmp_path / "out" / "no-pin"
