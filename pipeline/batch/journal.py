@@ -79,6 +79,13 @@ CREATE TABLE IF NOT EXISTS requests (  -- custody device: the CSR each device's 
 
 # (registration_id, DER CSR, its SHA-256, its public key's SHA-256): a checked request
 RequestRow = tuple[str, bytes, str, str]
+# A device's request replaces its earlier one; a key that is another device's raises
+# IntegrityError (INSERT OR REPLACE would delete that other device's request instead).
+_UPSERT_REQUEST = (
+    "INSERT INTO requests VALUES (?, ?, ?, ?) ON CONFLICT(registration_id) DO UPDATE SET "
+    "csr = excluded.csr, csr_sha256 = excluded.csr_sha256, "
+    "public_key_sha256 = excluded.public_key_sha256"
+)
 
 
 PLANNED_COMPLETE = ("planned", "complete")  # the meta row that says the plan is whole
@@ -233,7 +240,7 @@ class Journal:
             return 0
         try:
             with self._tx("requests"):
-                self._db.executemany("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)", rows)
+                self._db.executemany(_UPSERT_REQUEST, rows)
         except sqlite3.IntegrityError as exc:
             raise InputError(
                 f"{self.path}: a public key of these CSRs is another device's in this batch",
@@ -290,7 +297,7 @@ class Journal:
                     registration_id,
                 ),
             )
-            self._db.execute("INSERT OR REPLACE INTO requests VALUES (?, ?, ?, ?)", request)
+            self._db.execute(_UPSERT_REQUEST, request)
             self._db.execute(
                 "INSERT INTO serials (serial, registration_id, state, updated) VALUES (?, ?, ?, ?)",
                 (serial, registration_id, SerialState.INTENT.value, now),
@@ -319,6 +326,7 @@ class Journal:
                     rule="journal consistency",
                 )
             self._db.execute("DELETE FROM devices")
+            self._db.execute("DELETE FROM requests")
 
     def pending(self, chunk_size: int) -> Iterator[list[PendingDevice]]:
         """Chunks of ``planned`` devices in manifest order, read lazily."""
