@@ -13,7 +13,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .app import Config, Emulator
+from .app import Emulator
+from .base import Config
 from .server import Faults, ListenError
 
 __all__ = ["Config", "Emulator", "Faults", "ListenError", "serve_forever"]

@@ -9,7 +9,7 @@ this as the supported way).
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
+from typing import Any, NoReturn, Self
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
@@ -52,17 +52,15 @@ def _digest(data: bytes, algorithm: hashes.HashAlgorithm) -> bytes:
     return h.finalize()
 
 
-class P11ECPrivateKey(ec.EllipticCurvePrivateKey):
-    """An EC key that lives in the token. cryptography's X.509, CSR, CRL and PKCS#7 builders
-    only call :meth:`sign`. Raw ``CKM_ECDSA`` over a digest computed on the host is used
-    where the token offers it (SoftHSM2 has no ``CKM_ECDSA_SHA256``); otherwise the token's
-    ``CKM_ECDSA_SHA256/384`` hashes the data itself. ``mechanisms`` is what the token offers
-    for signing (``None``: assume raw ECDSA, which every EC token offers in practice)."""
+class _TokenKey:
+    """What both key types share: the token object, its public half read once, the
+    mechanisms the token offers, and refusals for everything that would need the private
+    key outside the token. Copies are the same object (a session handle cannot be copied)."""
 
     def __init__(
         self,
         p11_key: Any,
-        public: ec.EllipticCurvePublicKey,
+        public: ec.EllipticCurvePublicKey | rsa.RSAPublicKey,
         mechanisms: Collection[int] | None = None,
         needed_by: str = "",
     ) -> None:
@@ -70,6 +68,30 @@ class P11ECPrivateKey(ec.EllipticCurvePrivateKey):
         self._public = public
         self._mechanisms = mechanisms
         self._needed_by = needed_by
+
+    @property
+    def key_size(self) -> int:
+        return self._public.key_size
+
+    def private_numbers(self) -> NoReturn:
+        raise NotImplementedError("the private key never leaves the HSM")
+
+    def private_bytes(self, encoding: Any, format: Any, encryption_algorithm: Any) -> NoReturn:
+        raise NotImplementedError("the private key never leaves the HSM")
+
+    def __copy__(self) -> Self:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Self:
+        return self
+
+
+class P11ECPrivateKey(_TokenKey, ec.EllipticCurvePrivateKey):
+    """An EC key that lives in the token. cryptography's X.509, CSR, CRL and PKCS#7 builders
+    only call :meth:`sign`. Raw ``CKM_ECDSA`` over a digest computed on the host is used
+    where the token offers it (SoftHSM2 has no ``CKM_ECDSA_SHA256``); otherwise the token's
+    ``CKM_ECDSA_SHA256/384`` hashes the data itself. ``mechanisms`` is what the token offers
+    for signing (``None``: assume raw ECDSA, which every EC token offers in practice)."""
 
     def mechanism_for(self, algorithm: Any) -> Mechanism:
         """The mechanism :meth:`sign` uses for ``algorithm`` on this token."""
@@ -110,13 +132,11 @@ class P11ECPrivateKey(ec.EllipticCurvePrivateKey):
             int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big")
         )
 
+    _public: ec.EllipticCurvePublicKey
+
     @property
     def curve(self) -> ec.EllipticCurve:
         return self._public.curve
-
-    @property
-    def key_size(self) -> int:
-        return self._public.key_size
 
     def public_key(self) -> ec.EllipticCurvePublicKey:
         return self._public
@@ -124,36 +144,12 @@ class P11ECPrivateKey(ec.EllipticCurvePrivateKey):
     def exchange(self, algorithm: Any, peer_public_key: Any) -> bytes:
         raise NotImplementedError("HSM keys are for signing only")
 
-    def private_numbers(self) -> ec.EllipticCurvePrivateNumbers:
-        raise NotImplementedError("the private key never leaves the HSM")
 
-    def private_bytes(self, encoding: Any, format: Any, encryption_algorithm: Any) -> bytes:
-        raise NotImplementedError("the private key never leaves the HSM")
-
-    def __copy__(self) -> P11ECPrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> P11ECPrivateKey:
-        return self
-
-
-class P11RSAPrivateKey(rsa.RSAPrivateKey):
+class P11RSAPrivateKey(_TokenKey, rsa.RSAPrivateKey):
     """An RSA key in the token, PKCS#1 v1.5 signatures. The token's hashed mechanism
     (``CKM_SHA256_RSA_PKCS``...) is preferred; where the token lacks it (openCryptoki 3.8 has
     none), raw ``CKM_RSA_PKCS`` signs a DigestInfo made on the host, which yields the same
     signature (RFC 8017, section 8.2.1)."""
-
-    def __init__(
-        self,
-        p11_key: Any,
-        public: rsa.RSAPublicKey,
-        mechanisms: Collection[int] | None = None,
-        needed_by: str = "",
-    ) -> None:
-        self._key = p11_key
-        self._public = public
-        self._mechanisms = mechanisms
-        self._needed_by = needed_by
 
     def mechanism_for(self, algorithm: Any) -> Mechanism:
         name = _hash_name(algorithm)
@@ -186,27 +182,13 @@ class P11RSAPrivateKey(rsa.RSAPrivateKey):
         with translate("sign", mechanism, self._needed_by):
             return bytes(self._key.sign(message, mechanism=mechanism))
 
-    @property
-    def key_size(self) -> int:
-        return self._public.key_size
+    _public: rsa.RSAPublicKey
 
     def public_key(self) -> rsa.RSAPublicKey:
         return self._public
 
     def decrypt(self, ciphertext: bytes, padding: Any) -> bytes:
         raise NotImplementedError("HSM keys are for signing only")
-
-    def private_numbers(self) -> rsa.RSAPrivateNumbers:
-        raise NotImplementedError("the private key never leaves the HSM")
-
-    def private_bytes(self, encoding: Any, format: Any, encryption_algorithm: Any) -> bytes:
-        raise NotImplementedError("the private key never leaves the HSM")
-
-    def __copy__(self) -> P11RSAPrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[int, object]) -> P11RSAPrivateKey:
-        return self
 
 
 HsmSigner = P11ECPrivateKey | P11RSAPrivateKey

@@ -22,6 +22,7 @@ from ..support import (
     CA,
     MODULE,
     Hsm,
+    audit_events,
     free_ports,
     group_gone,
     provline,
@@ -126,7 +127,22 @@ def test_kill_at_every_commit_point_then_resume(
         assert sorted(label for label in labels if label.startswith(prefix)) == [
             f"{prefix}{n:05d}" for n in range(1, count + 1)
         ]
-        assert all(labels), "an unlabelled key was left behind"
+        # A kill inside SoftHSM2's C_GenerateKeyPair can leave an object whose attributes
+        # stop before its label: nothing proves it is provline's, so it stays, reported.
+        unlabelled = sum(1 for label in labels if not label)
+        last_sweep = _last_run(audit_events(batch))
+        kept = [
+            e["data"]
+            for e in last_sweep
+            if e["event"] == "orphan_kept" and isinstance(e["data"], dict)
+        ]
+        assert sum(1 for k in kept if k["object"] == "private" and not k["label"]) == unlabelled
+
+
+def _last_run(events: list[dict[str, object]]) -> list[dict[str, object]]:
+    """The events the last run wrote (from its batch_start or resume)."""
+    starts = [i for i, e in enumerate(events) if e["event"] in ("batch_start", "resume")]
+    return events[starts[-1] :]
 
 
 @pytest.mark.parametrize("custody", ["wrapped", "retain"])
