@@ -88,6 +88,8 @@ def decode_request(data: bytes) -> tuple[x509.CertificateSigningRequest, bytes]:
         return _decode_pem(data, labels)
     try:
         request = x509.load_der_x509_csr(data)
+    except x509.InvalidVersion as exc:
+        raise _bad_version(exc) from None
     except ValueError:
         kind, rule = _what_der_is(data)
         raise problem(f"{kind}, not a certificate signing request", rule) from None
@@ -106,9 +108,20 @@ def _decode_pem(data: bytes, labels: list[bytes]) -> tuple[x509.CertificateSigni
         raise problem(f"{len(requests)} CSRs in one file", "one CSR per device")
     try:
         request = x509.load_pem_x509_csr(_as_standard_label(data))
+    except x509.InvalidVersion as exc:
+        raise _bad_version(exc) from None
     except ValueError as exc:
         raise problem(f"a damaged PEM CSR ({_reason(exc)})", CSR_RULE) from None
     return request, request.public_bytes(serialization.Encoding.DER)
+
+
+def _bad_version(exc: x509.InvalidVersion) -> InputError:
+    """RFC 2986 §4.1 knows one version of a request (v1, encoded 0); cryptography raises
+    InvalidVersion, not ValueError, for any other."""
+    return problem(
+        f"a CSR of unknown version {shown(exc.parsed_version)}",
+        "PKCS#10 requests are version 1 (encoded 0; RFC 2986 section 4.1)",
+    )
 
 
 def _as_standard_label(data: bytes) -> bytes:

@@ -3,6 +3,7 @@ send, and what the station answers. Pure: no files, no HSM."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 
 import pytest
@@ -268,6 +269,20 @@ def test_two_requests_or_a_request_with_a_key() -> None:
 )
 def test_garbage(data: bytes, says: str) -> None:
     assert says in refused(data)
+
+
+def test_a_request_of_another_version_is_one_line_pem_or_der() -> None:
+    """cryptography raises InvalidVersion (not ValueError) for a version other than v1."""
+    der = bytearray(crypto_csr(software_key("ec-p256"), "dev-1", der=True))
+    version = der.index(b"\x02\x01\x00")  # CertificationRequestInfo.version INTEGER 0
+    der[version + 2] = 0x12
+    assert "unknown version 18" in refused(bytes(der))
+    pem = (  # the same bytes as PEM take the PEM path
+        b"-----BEGIN CERTIFICATE REQUEST-----\n"
+        + base64.encodebytes(bytes(der))
+        + b"-----END CERTIFICATE REQUEST-----\n"
+    )
+    assert "unknown version 18" in refused(pem)
 
 
 @settings(max_examples=300, deadline=None)
