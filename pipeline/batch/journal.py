@@ -285,8 +285,10 @@ class Journal:
         now = time.time()
         with self._tx("intents"):
             self._db.execute(
+                # No FROM in the outer SELECT: an aggregate over devices would yield a row
+                # (idx 0) even when the device exists, and clash with the first device.
                 "INSERT INTO devices (idx, registration_id, device_id, extra, state, updated) "
-                "SELECT COALESCE(MAX(idx), -1) + 1, ?, ?, ?, ?, ? FROM devices "
+                "SELECT (SELECT COALESCE(MAX(idx), -1) + 1 FROM devices), ?, ?, ?, ?, ? "
                 "WHERE NOT EXISTS (SELECT 1 FROM devices WHERE registration_id = ?)",
                 (
                     registration_id,

@@ -14,7 +14,9 @@ per device:
 2. the device, its request and its serial are committed to the journal as an intent, then
    the intent is logged (synced), then the serial is marked in the signing ledger (synced);
 3. the leaf is signed by the HSM-held issuing key and the bundle written and synced;
-4. ``issued`` is logged (synced), then committed; only then is the chain answered.
+4. ``issued`` is logged (synced), then committed; the certificate is recorded in the
+   station inventory (a lot open on another line refuses its key from now on); only then
+   is the chain answered.
 
 A kill anywhere is settled by the next session, like a resumed run: a whole bundle is
 recovered, a serial that may have been signed is voided, one that never reached a signer is
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
@@ -61,7 +64,7 @@ from ..errors import (
 from ..files import is_storage_error, storage_error, sync_filesystem
 from ..keyprofile import KeyProfile
 from ..layout import FULL_CHAIN
-from ..lifecycle.inventory import Inventory
+from ..lifecycle.inventory import Inventory, batch_issuer
 from ..registration.stage import RegisterOptions
 from ..stats import StageStats
 from ..vocabulary import AuditEvent, Custody, RegistrationMode
@@ -346,6 +349,7 @@ class _Signer:
         self.batch_dir = run.ctx.batch_dir
         self.ledger = LedgerWriter(self.batch_dir)
         self.inventory = Inventory.of(run.ctx.station)
+        self.issuer: str | None = None  # the issuer's key id, as the inventory records it
         self.open_intent = False
 
     def close(self) -> None:
@@ -401,6 +405,7 @@ class _Signer:
         crash_point("logged.results")
         commit_results(self.run, result)
         self.open_intent = False
+        self._record(rid, serial)
         chain = (self.batch_dir / rid / FULL_CHAIN).read_bytes()
         return Signed(
             rid,
@@ -409,6 +414,32 @@ class _Signer:
             chain,
             seconds=time.perf_counter() - started,
         )
+
+    def _record(self, rid: str, serial: str) -> None:
+        """The device's certificate goes into the station inventory at once, so a lot open
+        on another line of this station refuses its key from now on, not only after this
+        session ends. A failure here never fails the device: the end of the session
+        (record_batch) and `provline inventory sync` catch up."""
+        journal, station = self.run.journal, self.run.ctx.station
+        try:
+            known = journal.device_state(rid)
+            if known is None:
+                return
+            if self.issuer is None:
+                self.issuer = batch_issuer(station, self.batch_dir, journal)
+            self.inventory.add_batch(
+                station.name,
+                self.batch_dir,
+                journal.meta(),
+                [(rid, rid, known[0].value, serial, known[1])],
+                (),
+                self.issuer,
+            )
+        except (sqlite3.Error, OSError, ValueError, InputError) as exc:
+            self.run.progress.log(
+                f"{rid}: station inventory not updated yet ({type(exc).__name__}: {exc}); "
+                "the end of the session records it"
+            )
 
     def _issue(self, rid: str, row: tuple[str, bytes, str, str], serial: str) -> IssuedBundle:
         """Sign and write one bundle, durably; a failure of this device alone is recorded

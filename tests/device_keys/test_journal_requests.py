@@ -71,6 +71,22 @@ def test_joining_with_another_devices_key_leaves_the_journal_as_it_was(tmp_path:
         journal.close()
 
 
+def test_a_device_planned_again_after_a_void_joins_again(tmp_path: Path) -> None:
+    """A kill voided the device's serial: it asks again with the same key and rejoins with a
+    new serial, keeping its place (a regression: its row was inserted a second time)."""
+    journal = _batch(tmp_path, [_row("a", "k1")])
+    try:
+        journal.join("c", "c", {}, _row("c", "k3"), "0A")
+        journal.settle([("c", "0A")], [], "killed", "never signed")
+        assert journal.device_state("c") == (DeviceState.PLANNED, None)
+        journal.join("c", "c", {}, _row("c", "k3"), "0B")
+        assert journal.device_state("c") == (DeviceState.INTENT, None)
+        assert journal.total() == 2
+        assert journal.serial_counts() == {"intent": 1, "void": 1}
+    finally:
+        journal.close()
+
+
 def test_a_discarded_plan_forgets_its_requests(tmp_path: Path) -> None:
     journal = _batch(tmp_path, [_row("a", "k1"), _row("b", "k2")])
     try:

@@ -100,7 +100,7 @@ def test_500_devices_one_at_a_time_killed_once(
             serve = Serve(station, lot, hsm_env)  # the fixture asks again: signed once
         answer = serve.ask({"csr": csrs[rid].decode(), "id": rid})
         if answer is None:  # the crash point killed it in the middle of this device
-            assert serve.proc.wait() == -signal.SIGKILL
+            assert serve.proc.wait() == -signal.SIGKILL, serve.end()
             killed_at = rid
             serve = Serve(station, lot, hsm_env)
             if kill.startswith("sign.marked"):
@@ -270,6 +270,35 @@ def test_one_shot_sign_and_what_it_refuses(hsm_env: Hsm, ca_env: CA, tmp_path: P
         check=False,
     )
     assert done.returncode == 2 and "custody is wrapped" in done.stderr
+
+
+def test_two_lines_see_each_others_keys_while_their_sessions_run(
+    hsm_env: Hsm, ca_env: CA, tmp_path: Path
+) -> None:
+    """A session records each device in the station inventory as it is signed: a lot open on
+    another line refuses a cloned key at once, not only after the first session ends."""
+    station = device_station(tmp_path, hsm_env, ca_env)
+    _open(station, "line-a", hsm_env)
+    _open(station, "line-b", hsm_env)
+    key = software_key("ec-p256")
+    serve = Serve(station, "line-a", hsm_env)
+    answer = serve.ask({"csr": crypto_csr(key, "a-1").decode()})
+    assert answer is not None and answer["ok"], answer
+    done = _sign(station, "line-b", hsm_env, crypto_csr(key, "b-1"))
+    assert serve.proc.poll() is None  # line a's session is still running
+    assert (
+        done.returncode == 2 and "its key was certified for a-1 in line-a" in done.stderr.decode()
+    )
+    fresh = _sign(station, "line-b", hsm_env, crypto_csr(software_key("ec-p256"), "b-2"))
+    assert fresh.returncode == 0, fresh.stderr
+    answer = serve.ask({"csr": crypto_csr(software_key("ec-p256"), "a-2").decode()})
+    assert answer is not None and answer["ok"], answer
+    code, stderr = serve.end()
+    assert code == 0 and "inventory not updated" not in stderr, stderr
+    found = provline("find", "a-1", "--station", str(station), "--json", env=hsm_env.env())
+    assert "line-a" in found.stdout
+    for lot in ("line-a", "line-b"):
+        _verify(tmp_path / "out" / lot, ca_env)
 
 
 def _rss_kb(pid: int) -> int:
