@@ -10,7 +10,8 @@ docs/benchmarks.md says what each figure means.
 Suites (one module each, ``measure(ca_dir) -> dict``): batch throughput and memory
 (batch.py), registration against the emulator (registration.py), manifest validation at the
 device limit (manifest.py), revocation, CRLs and inventory look-ups after the factory
-(lifecycle.py), key delivery at a programming fixture (fixture.py).
+(lifecycle.py), key delivery at a programming fixture (fixture.py), device-held keys: CSR
+batches and one device at a time (device_keys.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import shutil
 
 import batch
+import device_keys
 import fixture
 import lifecycle
 import manifest
@@ -32,6 +34,7 @@ SUITES = [
     manifest.measure,
     lifecycle.measure,
     fixture.measure,
+    device_keys.measure,
 ]
 
 

@@ -114,6 +114,7 @@ class Custody(StrEnum):
     WRAPPED = "wrapped"
     RETAIN = "retain"
     PKCS8 = "pkcs8"
+    DEVICE = "device"  # the device makes its key and sends a CSR; no private key at the station
 
 
 class RegistrationMode(StrEnum):

@@ -7,6 +7,10 @@
 * ``retain``: token objects, never extractable, label = registration ID, CKA_ID = SHA-1 of
   the public key (a pending mark until then); the bundle names the key by PKCS#11 URI.
 * ``pkcs8``: development only. A software key in an encrypted PKCS#8 PEM (and PKCS#12).
+* ``device``: the device made its key (a secure element, a TPM, a modem) and sent a CSR; the
+  batch journal recorded it after every check (batch/requests.py, ca/csr.py). No private key
+  exists at the station: the bundle has no private file and device.json names the CSR by
+  its SHA-256 (docs/device-keys.md).
 
 Each maker runs inside one worker process and uses that process's token session.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import pkcs11.exceptions as p11e
@@ -25,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from pkcs11 import Attribute, Mechanism, ObjectClass
 
 from .. import hsm
+from ..ca.csr import public_key_sha256
 from ..config.station import CustodyConfig
 from ..errors import InputError
 from ..hsm.capabilities import Option, keygen_need, wrap_need
@@ -33,6 +39,7 @@ from ..hsm.transport import identify as identify_transport_key
 from ..keyprofile import KeyProfile, PublicKey
 from ..layout import PKCS8_KEY, PKCS12, WRAPPED_KEY
 from ..vocabulary import Custody
+from .journal import RequestReader, RequestRow
 from .records import KeyReference
 
 # Called once the certificate and chain exist (PKCS#12 needs them); returns more private files.
@@ -281,6 +288,52 @@ class Pkcs8Keys:
         return DeviceKey(key.public_key(), reference, {PKCS8_KEY: pem}, with_certificate=extra)
 
 
+DEVICE_KEY_FORMAT = "held by the device; certified from its PKCS#10 CSR (csr_sha256)"
+
+
+def device_key(row: RequestRow, profile: KeyProfile) -> DeviceKey:
+    """The key of a checked request: its public key, and a reference naming the request.
+    The request was checked before it was recorded; what is checked again here is cheap
+    and guards the record itself (it parses, its key is of the batch's profile and is the
+    key it was recorded with)."""
+    registration_id, der, csr_sha256, key_sha256 = row
+    try:
+        public = x509.load_der_x509_csr(der).public_key()
+    except ValueError as exc:
+        raise InputError(
+            f"{registration_id}: the recorded CSR does not parse", rule="recorded requests"
+        ) from exc
+    if (
+        not isinstance(public, PublicKey)
+        or KeyProfile.matching(public) is not profile
+        or public_key_sha256(public) != key_sha256
+    ):
+        raise InputError(
+            f"{registration_id}: the recorded CSR's key is not the one it was checked with",
+            rule="recorded requests",
+        )
+    reference = KeyReference(Custody.DEVICE, format=DEVICE_KEY_FORMAT, csr_sha256=csr_sha256)
+    return DeviceKey(public, reference, generated=False)
+
+
+class DeviceKeys:
+    """Custody ``device``: each device's key comes from the CSR the journal recorded for it
+    (a read-only look-up per device; nothing is made, nothing touches the token)."""
+
+    def __init__(self, profile: KeyProfile, requests: RequestReader) -> None:
+        self._profile = profile
+        self._requests = requests
+
+    def make(self, registration_id: str, may_exist: bool) -> DeviceKey:
+        row = self._requests.get(registration_id)
+        if row is None:
+            raise InputError(
+                f"{registration_id}: no CSR recorded in the batch journal",
+                rule="custody device: one CSR per device",
+            )
+        return device_key(row, self._profile)
+
+
 def warn_pkcs8() -> None:
     print(
         "WARNING: custody policy pkcs8 is for development only: device private keys are "
@@ -290,8 +343,18 @@ def warn_pkcs8() -> None:
 
 
 def key_maker(
-    config: CustodyConfig, token: hsm.Token, profile: KeyProfile, passphrase: str | None
+    config: CustodyConfig,
+    token: hsm.Token,
+    profile: KeyProfile,
+    passphrase: str | None,
+    batch_dir: Path | None = None,
 ) -> KeyMaker:
+    """The key maker of a custody policy. Custody ``device`` reads the requests of the batch
+    in ``batch_dir``."""
+    if config.policy is Custody.DEVICE:
+        if batch_dir is None:
+            raise InputError("custody device signs recorded CSRs", rule="a batch directory")
+        return DeviceKeys(profile, RequestReader(batch_dir))
     if config.policy is Custody.WRAPPED:
         assert config.transport_key is not None
         return WrappedKeys(token, profile, config.transport_key)

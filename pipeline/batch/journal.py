@@ -70,7 +70,23 @@ CREATE TABLE IF NOT EXISTS serials (
 );
 CREATE INDEX IF NOT EXISTS serials_state ON serials(state);
 CREATE INDEX IF NOT EXISTS serials_device ON serials(registration_id);
+CREATE TABLE IF NOT EXISTS requests (  -- custody device: the CSR each device's leaf certifies
+    registration_id TEXT PRIMARY KEY,
+    csr BLOB NOT NULL,              -- DER, as checked
+    csr_sha256 TEXT NOT NULL,
+    public_key_sha256 TEXT NOT NULL UNIQUE  -- one key per device in a batch
+) WITHOUT ROWID;
 """
+
+# (registration_id, DER CSR, its SHA-256, its public key's SHA-256): a checked request
+RequestRow = tuple[str, bytes, str, str]
+# A device's request replaces its earlier one; a key that is another device's raises
+# IntegrityError (INSERT OR REPLACE would delete that other device's request instead).
+_UPSERT_REQUEST = (
+    "INSERT INTO requests VALUES (?, ?, ?, ?) ON CONFLICT(registration_id) DO UPDATE SET "
+    "csr = excluded.csr, csr_sha256 = excluded.csr_sha256, "
+    "public_key_sha256 = excluded.public_key_sha256"
+)
 
 
 PLANNED_COMPLETE = ("planned", "complete")  # the meta row that says the plan is whole
@@ -105,10 +121,12 @@ class Journal:
         batch_dir: Path,
         meta: dict[str, str],
         devices: Iterable[tuple[str, str, dict[str, Any]]],
+        requests: Iterable[RequestRow] = (),
     ) -> Journal:
-        """Create a new batch whole: a directory with its lock, journal, settings and plan is
-        built as ``.<batch-id>.creating-<random>`` next to ``batch_dir``, synced and renamed
-        into place; the returned journal holds the batch lock. A kill at any point leaves no
+        """Create a new batch whole: a directory with its lock, journal, settings and plan
+        (and, in custody device, every device's checked CSR) is built as
+        ``.<batch-id>.creating-<random>`` next to ``batch_dir``, synced and renamed into
+        place; the returned journal holds the batch lock. A kill at any point leaves no
         batch (the next run removes the abandoned build) or a complete one. Raises
         InputError if another run created the batch first."""
         output = batch_dir.parent
@@ -127,6 +145,7 @@ class Journal:
             journal = cls(building / JOURNAL, _connect(building / JOURNAL), None)
             try:
                 journal.set_meta(meta, label="create")
+                journal.add_requests(requests)
                 journal.plan(devices)
             finally:
                 journal._db.close()
@@ -192,13 +211,104 @@ class Journal:
         return total
 
     def replan(
-        self, meta: dict[str, str], devices: Iterable[tuple[str, str, dict[str, Any]]]
+        self,
+        meta: dict[str, str],
+        devices: Iterable[tuple[str, str, dict[str, Any]]],
+        requests: Iterable[RequestRow] = (),
     ) -> None:
         """Finish a batch that an older provline was killed while creating: nothing was
         issued yet, so its half-written plan is discarded and made again."""
         self.discard_plan()
         self.set_meta(meta)
+        self.add_requests(requests)
         self.plan(devices)
+
+    # -- requests (custody device) ------------------------------------------------------
+    def add_requests(self, rows: Iterable[RequestRow], batch: int = 2000) -> int:
+        """Record checked CSRs, one commit per ``batch``; a request already recorded for a
+        device is replaced. Raises InputError if a key is another device's."""
+        total = 0
+        chunk: list[RequestRow] = []
+        for row in rows:
+            chunk.append(row)
+            if len(chunk) >= batch:
+                total += self._insert_requests(chunk)
+                chunk = []
+        return total + self._insert_requests(chunk)
+
+    def _insert_requests(self, rows: list[RequestRow]) -> int:
+        if not rows:
+            return 0
+        try:
+            with self._tx("requests"):
+                self._db.executemany(_UPSERT_REQUEST, rows)
+        except sqlite3.IntegrityError as exc:
+            raise InputError(
+                f"{self.path}: a public key of these CSRs is another device's in this batch",
+                rule="one key per device",
+            ) from exc
+        return len(rows)
+
+    def request(self, registration_id: str) -> RequestRow | None:
+        row = self._db.execute(
+            "SELECT registration_id, csr, csr_sha256, public_key_sha256 FROM requests "
+            "WHERE registration_id = ?",
+            (registration_id,),
+        ).fetchone()
+        return (row[0], bytes(row[1]), row[2], row[3]) if row else None
+
+    def key_owner(self, public_key_sha256: str) -> str | None:
+        """The device of this batch whose request has this key, if any."""
+        row = self._db.execute(
+            "SELECT registration_id FROM requests WHERE public_key_sha256 = ?",
+            (public_key_sha256,),
+        ).fetchone()
+        return str(row[0]) if row else None
+
+    def device_state(self, registration_id: str) -> tuple[DeviceState, str | None] | None:
+        """(state, detail JSON) of one device, or None if the batch does not have it."""
+        row = self._db.execute(
+            "SELECT state, detail FROM devices WHERE registration_id = ?", (registration_id,)
+        ).fetchone()
+        return (DeviceState(row[0]), row[1]) if row else None
+
+    def join(
+        self,
+        registration_id: str,
+        device_id: str,
+        extra: dict[str, Any],
+        request: RequestRow,
+        serial: str,
+    ) -> None:
+        """One device joins an open batch (batch/sign.py), in one transaction: the device
+        (planned, at the end of the batch, unless it is planned again after a void), its
+        request, and its serial as an intent (before it is signed)."""
+        now = time.time()
+        with self._tx("intents"):
+            self._db.execute(
+                # No FROM in the outer SELECT: an aggregate over devices would yield a row
+                # (idx 0) even when the device exists, and clash with the first device.
+                "INSERT INTO devices (idx, registration_id, device_id, extra, state, updated) "
+                "SELECT (SELECT COALESCE(MAX(idx), -1) + 1 FROM devices), ?, ?, ?, ?, ? "
+                "WHERE NOT EXISTS (SELECT 1 FROM devices WHERE registration_id = ?)",
+                (
+                    registration_id,
+                    device_id,
+                    json.dumps(extra, sort_keys=True),
+                    _PLANNED,
+                    now,
+                    registration_id,
+                ),
+            )
+            self._db.execute(_UPSERT_REQUEST, request)
+            self._db.execute(
+                "INSERT INTO serials (serial, registration_id, state, updated) VALUES (?, ?, ?, ?)",
+                (serial, registration_id, SerialState.INTENT.value, now),
+            )
+            self._db.execute(
+                "UPDATE devices SET state = ?, serial = ?, updated = ? WHERE registration_id = ?",
+                (_INTENT, serial, now, registration_id),
+            )
 
     def _insert_planned(self, rows: list[tuple[int, str, str, str, float]]) -> int:
         if rows:
@@ -219,6 +329,7 @@ class Journal:
                     rule="journal consistency",
                 )
             self._db.execute("DELETE FROM devices")
+            self._db.execute("DELETE FROM requests")
 
     def pending(self, chunk_size: int) -> Iterator[list[PendingDevice]]:
         """Chunks of ``planned`` devices in manifest order, read lazily."""
@@ -441,6 +552,29 @@ class Journal:
 
     def _tx(self, label: str) -> _Transaction:
         return _Transaction(self._db, self.path, label)
+
+
+class RequestReader:
+    """Read-only access to the requests a batch recorded (custody device), for the worker
+    processes that sign them while the orchestrator holds the journal."""
+
+    def __init__(self, batch_dir: Path) -> None:
+        path = batch_dir / JOURNAL
+        try:
+            self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        except sqlite3.Error as exc:
+            raise InputError(f"{path} cannot be read: {exc}", rule="a batch journal") from exc
+
+    def get(self, registration_id: str) -> RequestRow | None:
+        row = self._db.execute(
+            "SELECT registration_id, csr, csr_sha256, public_key_sha256 FROM requests "
+            "WHERE registration_id = ?",
+            (registration_id,),
+        ).fetchone()
+        return (row[0], bytes(row[1]), row[2], row[3]) if row else None
+
+    def close(self) -> None:
+        self._db.close()
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -31,6 +31,7 @@ import asyncio
 import multiprocessing
 import os
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
@@ -80,11 +81,12 @@ from ..vocabulary import REGISTRATION_EVENTS, AuditEvent, Custody, DeviceState, 
 from . import ledger
 from .capability import require_station_capabilities
 from .custody import remove_orphans, warn_pkcs8
-from .journal import Journal
+from .journal import Journal, RequestRow
 from .plan import check_inputs, check_journal, check_operator, journal_meta, require_registration
 from .progress import ProgressSink, Silent
 from .records import IssuedBundle, KeyReference, PendingDevice
 from .report import Report, build_report, report_event, write_report
+from .requests import batch_requests
 from .settle import Settlement, classify, on_disk
 from .signals import StopSignals
 from .signing import find_transport_key, open_signer, open_station_keys
@@ -161,12 +163,18 @@ def run_batch(
     chunk_size: int | None = None,
     register: RegisterOptions | None = None,
     operator: str | None = None,
+    issue: IssueStage | None = None,
+    registration: bool = True,
 ) -> RunResult:
     """Run (or resume) the batch ``manifest`` on ``station``. Raises a ProvlineError for bad
     input, and :class:`~pipeline.errors.RegistrationRefused` when DPS / IoT Hub would refuse
     the devices, before any side effect; returns the report otherwise. A run that stops
     early (signal, HSM or disk failure) still writes its report, then raises the reason (its
-    exit code is the report's). ``operator`` is recorded in the audit log."""
+    exit code is the report's). ``operator`` is recorded in the audit log.
+
+    ``issue`` replaces the worker pool as the issue stage (a session of an open batch that
+    devices join one at a time, batch/sign.py); ``registration`` False skips the
+    registration stage (such a batch registers when it is closed)."""
     progress = progress or Silent()
     clock = time.monotonic()
     options = register or _register_defaults(station)
@@ -197,10 +205,13 @@ def run_batch(
             if station.custody.policy is Custody.PKCS8:
                 warn_pkcs8()
             stop.check()
-            stages["issue"] = _issue(
-                run, workers or station.workers, chunk_size or station.chunk_size
-            )
-            if manifest.registration is not RegistrationMode.NONE:
+            if issue is not None:
+                stages["issue"] = issue(run)
+            else:
+                stages["issue"] = _issue(
+                    run, workers or station.workers, chunk_size or station.chunk_size
+                )
+            if registration and manifest.registration is not RegistrationMode.NONE:
                 stop.check()
                 stages["register"] = _register(run, options, stages)
         except BaseException as exc:
@@ -453,14 +464,22 @@ def _open_batch(ctx: _Context) -> tuple[Journal, bool]:
         (d.registration_id, d.device_id, {"tags": d.tags, "desired": d.desired})
         for d in ctx.manifest.devices()
     )
+    requests: Iterable[RequestRow] = ()
+    if ctx.station.custody.policy is Custody.DEVICE:
+        requests = (
+            (r.registration_id, r.der, r.csr_sha256, r.public_key_sha256)
+            for r in batch_requests(ctx.manifest)
+        )
     if Journal.exists(ctx.batch_dir):
         journal = Journal.open(ctx.batch_dir, create=True)
         if journal.planned():
             return journal, True
         # An older provline was killed while creating this batch: nothing was issued yet.
-        journal.replan({**meta, LEDGER_META[0]: LEDGER_META[1]}, devices)
+        journal.replan({**meta, LEDGER_META[0]: LEDGER_META[1]}, devices, requests)
         return journal, False
-    journal = Journal.create_batch(ctx.batch_dir, {**meta, LEDGER_META[0]: LEDGER_META[1]}, devices)
+    journal = Journal.create_batch(
+        ctx.batch_dir, {**meta, LEDGER_META[0]: LEDGER_META[1]}, devices, requests
+    )
     return journal, False
 
 
@@ -736,7 +755,17 @@ def _collect(
             "a worker process died unexpectedly (killed, or out of memory)",
             rule="run the same command again to resume",
         ) from exc
-    # One event per device: its key, its certificate and its durable bundle.
+    log_results(run, result)
+    crash_point("logged.results")
+    del inflight[future]
+    commit_results(run, result)
+    for key, value in result.seconds.items():
+        busy[key] = busy.get(key, 0.0) + value
+
+
+def log_results(run: _Run, result: ChunkResult) -> None:
+    """Log (sync) the outcome of issued devices: one event per device, its key, its
+    certificate and its durable bundle (or why it failed, and its serial's end)."""
     events: list[Event] = [
         (AuditEvent.ISSUED, item.registration_id, item.audit_data()) for item in result.issued
     ]
@@ -756,11 +785,11 @@ def _collect(
     ]
     run.audit.extend(events)
     run.audit.flush()
-    crash_point("logged.results")
-    del inflight[future]
+
+
+def commit_results(run: _Run, result: ChunkResult) -> None:
+    """Commit what :func:`log_results` logged, and count it."""
     run.journal.record_results(result.issued, result.not_issued, result.unstarted, RELEASED_REASON)
-    for key, value in result.seconds.items():
-        busy[key] = busy.get(key, 0.0) + value
     run.totals["issued"] += len(result.issued)
     run.totals["failed"] += len(result.not_issued)
     run.totals["released"] += len(result.unstarted)
@@ -851,6 +880,17 @@ def _register(run: _Run, options: RegisterOptions, stages: dict[str, StageStats]
         progress.log(f"register: {stage.gave_up}")
     progress.finish("register")
     return stats
+
+
+# -------------------------------------------------------------------- other issue stages
+Run = _Run  # what an issue stage works with: context, journal, audit log, stop signals
+IssueStage = Callable[[_Run], StageStats]
+
+
+def settle_now(run: _Run) -> None:
+    """Settle every open intent (:mod:`.settle`): for an issue stage that stops with a
+    device in hand, before the run is sealed."""
+    _settle(run, _classify(run))
 
 
 # ---------------------------------------------------------------------------------- seal

@@ -51,6 +51,7 @@ from ..registration.stage import RegisterOptions
 from ..vocabulary import Custody, DeviceState, RegistrationMode
 from .capability import station_report
 from .journal import Journal
+from .requests import request_problems
 from .signing import find_transport_key, open_station_keys
 
 PLAN_FORMAT = "provline.plan/1"
@@ -110,6 +111,7 @@ def check_inputs(
             problems.append(exc.line())
     if why := _output_problem(station.output, manifest.batch_id):
         problems.append(f"{station.where('output')}: output {why} (output directory writable)")
+    problems += request_problems(manifest, station)  # custody device: every CSR, all at once
     if problems:
         raise ValidationFailed(problems)
     assert chain is not None

@@ -38,6 +38,7 @@ class KeyReference:
     wrap_mechanism: str | None = None  # wrapped: the C_WrapKey mechanism, e.g. CKM_AES_KEY_WRAP_KWP
     uri: str | None = None  # retain: RFC 7512 URI of the key in the token
     pkcs12: str | None = None  # pkcs8 with pkcs12: the .pfx file
+    csr_sha256: str | None = None  # device: SHA-256 of the DER CSR the leaf certifies
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}

@@ -257,7 +257,11 @@ def list_devices(batch_dir: Path, states: tuple[DeviceState, ...]) -> Iterator[L
 
 # -------------------------------------------------------------------------- device checks
 def check_devices(
-    batch_dir: Path, station: Station, count: int, only: list[str] | None = None
+    batch_dir: Path,
+    station: Station,
+    count: int,
+    only: list[str] | None = None,
+    key_dir: Path | None = None,
 ) -> list[DeviceCheck]:
     """Device checks (README "Registration") of ``only``, or of ``count`` devices sampled
     evenly over the batch's bundled and registered devices."""
@@ -269,5 +273,10 @@ def check_devices(
     finally:
         journal.close()
     return device_check(
-        batch_dir, resolve(station.dps), ids, station.custody.pkcs8_passphrase, station.hsm
+        batch_dir,
+        resolve(station.dps),
+        ids,
+        station.custody.pkcs8_passphrase,
+        station.hsm,
+        key_dir,
     )

@@ -147,7 +147,9 @@ def _start(job: IssueJob, stop: StopFlag | None) -> _Worker:
         batch_dir=batch_dir,
         issuer=keys.issuer,
         chain=list(keys.chain.certs),
-        keys=key_maker(station.custody, keys.token, KeyProfile(job.key_profile), passphrase),
+        keys=key_maker(
+            station.custody, keys.token, KeyProfile(job.key_profile), passphrase, batch_dir
+        ),
         ledger=LedgerWriter(batch_dir),
         stop=stop,
     )

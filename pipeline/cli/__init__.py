@@ -39,6 +39,7 @@ from . import (  # noqa: F401  (each registers its commands)
     fixture,
     hsm,
     lifecycle,
+    sign,
 )
 from .app import app, print_error_json, wants_json
 

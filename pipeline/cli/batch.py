@@ -231,11 +231,19 @@ def verify_device_cmd(
             "--device", help="Check this registration ID (repeatable) instead of sampling."
         ),
     ] = None,
+    key_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--key-dir",
+            help="Custody device: keys you hold, <registration-id>.key.pem (unencrypted PEM).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Device-side check: register sampled devices with DPS over mTLS using their bundles,
     then send one telemetry message each to the assigned hub."""
-    _print_device_checks(check_devices(batch_dir, load_station(station), count, device), as_json)
+    st = load_station(station)
+    _print_device_checks(check_devices(batch_dir, st, count, device, key_dir), as_json)
 
 
 def _print_device_checks(results: list[DeviceCheck], as_json: bool) -> None:

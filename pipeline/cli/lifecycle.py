@@ -148,6 +148,13 @@ def renew_cmd(
     ] = None,
     resume: ResumeOpt = False,
     pace: PaceOpt = None,
+    csr_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--csr-dir",
+            help="Custody device: the devices' new CSRs, <registration-id>.csr | .pem | .der.",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """New certificates (same CN, new serial, new key) with the old ones still valid; an
@@ -163,6 +170,7 @@ def renew_cmd(
             resume=resume,
             operations_per_minute=pace,
             note=_note,
+            csr_dir=csr_dir,
         )
     if as_json:
         print_json(result.kind, result.to_json())

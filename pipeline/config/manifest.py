@@ -38,6 +38,7 @@ from .yamlfile import (
     TooManyProblems,
     decode,
     empty_mapping,
+    printable,
     sorted_by_line,
 )
 
@@ -72,6 +73,7 @@ class Device:
     tags: dict[str, Any] = field(default_factory=dict)
     desired: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # file:line it came from
+    csr: Path | None = None  # custody device: the device's CSR file (else found in csr_dir)
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,13 @@ class Manifest:
     count: int = 0
     sources: tuple[DeviceSource, ...] = ()
     lines: dict[str, int] = field(default_factory=dict, compare=False)
+    csr_dir: Path | None = None  # custody device: <registration-id>.csr | .pem | .der
+    csr_paths: int = 0  # devices that name their own CSR file
+
+    @property
+    def has_csrs(self) -> bool:
+        """Whether the manifest supplies CSRs (custody device, docs/device-keys.md)."""
+        return self.csr_dir is not None or self.csr_paths > 0
 
     def devices(self) -> Iterator[Device]:
         for source in self.sources:
@@ -157,8 +166,9 @@ _TOP = {
     "devices",
     "generator",
     "devices_csv",
+    "csr_dir",
 }
-_DEVICE = {"registration_id", "device_id", "tags", "desired"}
+_DEVICE = {"registration_id", "device_id", "tags", "desired", "csr"}
 _GENERATOR = {"prefix", "digits", "start", "count", "tags", "desired"}
 
 
@@ -208,6 +218,8 @@ def _load_yaml_manifest(path: Path, batch_id: str | None) -> Manifest:
     if not over and not budget.exceeded:
         _check_duplicates(sources, generators, seen, check, text)
     values = _top_values(doc, check, batch_id)
+    values.csr_dir = _csr_dir(path, doc, check)
+    values.csr_paths = seen.csrs
     return _finish(path, doc, check, values, generators, sources, total, digest.hexdigest())
 
 
@@ -224,6 +236,7 @@ def _load_csv_manifest(path: Path, batch_id: str | None) -> Manifest:
     if not budget.exceeded:
         _check_duplicates(sources, [], seen, check, "")
     values = _top_values(doc, check, batch_id)
+    values.csr_paths = seen.csrs
     return _finish(path, doc, check, values, [], sources, total, digest.hexdigest())
 
 
@@ -234,6 +247,8 @@ class _TopValues:
     profile: KeyProfile
     validity: int
     mode: RegistrationMode
+    csr_dir: Path | None = None
+    csr_paths: int = 0
 
 
 def _top_values(doc: Mapping, check: Checker, batch_id: str | None) -> _TopValues:
@@ -314,6 +329,8 @@ def _finish(
         count=total,
         sources=tuple(sources),
         lines=dict(doc.lines),
+        csr_dir=values.csr_dir,
+        csr_paths=values.csr_paths,
     )
 
 
@@ -322,6 +339,33 @@ def _lists_devices(doc: Mapping) -> bool:
     return (isinstance(value, Streamed) and value.count > 0) or (
         isinstance(value, list) and bool(value)
     )
+
+
+def _csr_dir(path: Path, doc: Mapping, check: Checker) -> Path | None:
+    """``csr_dir``: where devices without their own ``csr`` find theirs, relative to the
+    manifest. Only its name is checked here; each file is opened when the CSRs are checked
+    (batch/requests.py), with the limits of every input file."""
+    name: str | None = check.typed(doc, "csr_dir", str, None)
+    if name is None:
+        return None
+    if not name.strip():
+        check.add(doc.line_of("csr_dir"), "csr_dir is empty", "paths name a directory")
+        return None
+    return path.parent / name
+
+
+def _csr_file(value: Any, base: Path, check: Checker, line: int, subject: str) -> Path | None:
+    """A device's ``csr`` (YAML key or CSV column): a file name relative to ``base``."""
+    if not isinstance(value, str):
+        check.add(line, f"csr must be a file name, not {shown(value)}", "schema", subject)
+        return None
+    if not value.strip():
+        check.add(line, "csr is empty", "paths name a file", subject)
+        return None
+    if not printable(value):
+        check.add(line, f"csr {shown(value)} holds a control character", "paths", subject)
+        return None
+    return base / value
 
 
 def _csv_path(path: Path, doc: Mapping, check: Checker) -> Path | None:
@@ -416,8 +460,12 @@ def _yaml_device(item: Any, line: int, index: int, check: Checker) -> Device | N
     did = item.get("device_id", rid)
     ok = _check_device_id(did, check, item.line_of("device_id"), subject) and ok
     twin_ok, tags, desired = _twin(item, check, subject)
+    csr = None
+    if "csr" in item:
+        csr = _csr_file(item["csr"], check.path.parent, check, item.line_of("csr"), subject)
+        ok = csr is not None and ok
     if ok and twin_ok and isinstance(rid, str) and isinstance(did, str):
-        return Device(rid, did, tags, desired, f"{check.path}:{item.line}")
+        return Device(rid, did, tags, desired, f"{check.path}:{item.line}", csr)
     return None
 
 
@@ -541,7 +589,7 @@ class _Lines:
             ) from exc
 
 
-_COLUMNS_RULE = "columns: registration_id, device_id, tag.<name>, desired.<name>, each once"
+_COLUMNS_RULE = "columns: registration_id, device_id, csr, tag.<name>, desired.<name>, each once"
 
 
 def _csv_header(header: list[str], check: Checker) -> bool:
@@ -562,7 +610,7 @@ def _csv_header(header: list[str], check: Checker) -> bool:
             check.add(1, f"column {shown(name)} appears more than once", _COLUMNS_RULE)
         seen.add(name)
         section, dot, key = name.partition(".")
-        if name in ("registration_id", "device_id"):
+        if name in ("registration_id", "device_id", "csr"):
             continue
         if section not in ("tag", "desired") or not dot:
             check.add(1, f"unknown column {shown(name)}", _COLUMNS_RULE)
@@ -586,6 +634,7 @@ class _Layout:
         self.width = len(names)
         self.rid = names.index("registration_id")
         self.did = names.index("device_id") if "device_id" in names else None
+        self.csr = names.index("csr") if "csr" in names else None
         self.tags = [(i, n[4:]) for i, n in enumerate(names) if n.startswith("tag.")]
         self.desired = [(i, n[8:]) for i, n in enumerate(names) if n.startswith("desired.")]
 
@@ -649,9 +698,13 @@ def _csv_device(row: list[str], layout: _Layout, line: int, check: Checker) -> D
         if values and (why := twin.strings_problem(section, values)):
             check.add(line, why, twin.RULE, subject)
             ok = False
+    csr = None
+    if layout.csr is not None and (cell := row[layout.csr].strip()):
+        csr = _csr_file(cell, check.path.parent, check, line, subject)
+        ok = csr is not None and ok
     if not ok:
         return None
-    return Device(rid, did, tags, desired, f"{check.path}:{line}")
+    return Device(rid, did, tags, desired, f"{check.path}:{line}", csr)
 
 
 # -------------------------------------------------------------------------- duplicates
@@ -663,8 +716,10 @@ class _Seen:
     def __init__(self) -> None:
         self.rids = [array("q") for _ in range(256)]
         self.dids = [array("q") for _ in range(256)]
+        self.csrs = 0  # devices naming their own CSR file
 
     def add(self, device: Device) -> int:
+        self.csrs += device.csr is not None
         h = hash(device.registration_id)
         self.rids[h & 255].append(h)
         h = hash(device.device_id)

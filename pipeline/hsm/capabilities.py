@@ -203,8 +203,8 @@ def keygen_options(profile: KeyProfile) -> tuple[Option, ...]:
         Option(
             Mechanism.RSA_PKCS_KEY_PAIR_GEN,
             MechanismFlag.GENERATE_KEY_PAIR,
-            "RSA-2048 key pair",
-            key_size=2048,
+            f"RSA-{profile.rsa_bits} key pair",
+            key_size=profile.rsa_bits,
         ),
     )
 

@@ -176,7 +176,7 @@ class Token:
             return pair
         private_template[Attribute.DECRYPT] = False
         with translate("generate a key pair", Mechanism.RSA_PKCS_KEY_PAIR_GEN, needed_by):
-            pair = self.session.generate_keypair(KeyType.RSA, 2048, **kwargs)
+            pair = self.session.generate_keypair(KeyType.RSA, profile.rsa_bits, **kwargs)
         return pair
 
     def require_free_label(self, object_class: ObjectClass, label: str) -> None:

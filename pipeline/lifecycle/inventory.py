@@ -9,6 +9,13 @@ lifecycle log after both verify (:mod:`.rebuild`). Lifecycle operations (revoke,
 promote) keep their own journal in the same database, so an operation step and the
 inventory change it makes commit in one transaction.
 
+Every certificate with a key also records the SHA-256 of its SubjectPublicKeyInfo
+(``public_key_sha256``, indexed): custody ``device`` refuses a CSR whose key the station has
+already certified in another batch or renewal (a cloned or reused device key,
+docs/device-keys.md). Inventories made before that column existed gain it when opened; the
+keys of their certificates are read from the bundles once, on the first look-up
+(:meth:`Inventory.keys_seen`).
+
 The database is in WAL mode with synchronous=FULL: a committed step survives a crash.
 """
 
@@ -25,6 +32,7 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
+from ..ca.certs import public_key_sha256
 from ..config.station import Station
 from ..errors import InputError
 from ..layout import DEVICE_CERT
@@ -51,7 +59,8 @@ CREATE TABLE IF NOT EXISTS certificates (
     status TEXT NOT NULL,           -- active | staged | retired | revoked | void
     reason TEXT,                    -- RFC 5280 CRLReason name when on the CRL
     revoked_at TEXT,                -- CRL revocationDate, ISO 8601 UTC
-    updated REAL NOT NULL
+    updated REAL NOT NULL,
+    public_key_sha256 TEXT          -- hex, of the SubjectPublicKeyInfo; NULL for a void serial
 );
 CREATE INDEX IF NOT EXISTS certificates_rid ON certificates(registration_id);
 CREATE INDEX IF NOT EXISTS certificates_sha1 ON certificates(sha1);
@@ -138,6 +147,7 @@ class CertificateRecord:
     status: CertificateStatus
     reason: str | None = None
     revoked_at: str | None = None
+    public_key_sha256: str | None = None  # recorded on insert; look-ups leave it out
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -245,6 +255,7 @@ class Inventory:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.executescript(_SCHEMA)
+        _add_public_key_column(conn)
         return cls(path, conn)
 
     @classmethod
@@ -280,11 +291,12 @@ class Inventory:
         def flush() -> None:
             with self.tx():
                 self.db.executemany(
-                    f"INSERT INTO certificates ({_CERT_COLUMNS}, updated) VALUES "
-                    "(?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,?) ON CONFLICT(serial) DO UPDATE SET "
-                    "device_id=excluded.device_id, sha1=excluded.sha1, sha256=excluded.sha256, "
-                    "not_after=excluded.not_after, bundle=excluded.bundle, "
-                    "updated=excluded.updated",
+                    f"INSERT INTO certificates ({_CERT_COLUMNS}, updated, public_key_sha256) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,NULL,NULL,?,?) ON CONFLICT(serial) DO "
+                    "UPDATE SET device_id=excluded.device_id, sha1=excluded.sha1, "
+                    "sha256=excluded.sha256, not_after=excluded.not_after, "
+                    "bundle=excluded.bundle, updated=excluded.updated, public_key_sha256="
+                    "COALESCE(excluded.public_key_sha256, certificates.public_key_sha256)",
                     certs,
                 )
                 self.db.executemany(
@@ -323,6 +335,7 @@ class Inventory:
                     f"{base}/{rid}",
                     _ACTIVE,
                     now,
+                    detail.get("public_key_sha256"),
                 )
             )
             devices.append(
@@ -372,9 +385,9 @@ class Inventory:
     def add_certificate(self, record: CertificateRecord) -> None:
         """A certificate made after the factory (a renewal); idempotent."""
         self.db.execute(
-            f"INSERT INTO certificates ({_CERT_COLUMNS}, updated) VALUES "
-            "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(serial) DO NOTHING",
-            (*astuple_cert(record), time.time()),
+            f"INSERT INTO certificates ({_CERT_COLUMNS}, updated, public_key_sha256) VALUES "
+            "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(serial) DO NOTHING",
+            (*astuple_cert(record), time.time(), record.public_key_sha256),
         )
 
     def add_certificates(self, records: Iterable[CertificateRecord]) -> None:
@@ -382,10 +395,54 @@ class Inventory:
         now = time.time()
         with self.tx():
             self.db.executemany(
-                f"INSERT INTO certificates ({_CERT_COLUMNS}, updated) VALUES "
-                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(serial) DO NOTHING",
-                ((*astuple_cert(r), now) for r in records),
+                f"INSERT INTO certificates ({_CERT_COLUMNS}, updated, public_key_sha256) VALUES "
+                "(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(serial) DO NOTHING",
+                ((*astuple_cert(r), now, r.public_key_sha256) for r in records),
             )
+
+    # -- device keys ------------------------------------------------------------------
+    def keys_seen(
+        self, public_key_sha256s: Iterable[str], *, except_batch: str | None = None
+    ) -> dict[str, tuple[str, str]]:
+        """Which of these public keys (SHA-256 hex of the SubjectPublicKeyInfo) a certificate
+        of this station already has, outside ``except_batch``: key -> (registration ID,
+        batch or renewal operation). Custody ``device`` refuses such keys."""
+        self._index_public_keys()
+        wanted = sorted(set(public_key_sha256s))
+        found: dict[str, tuple[str, str]] = {}
+        for start in range(0, len(wanted), 500):
+            part = wanted[start : start + 500]
+            rows = self.db.execute(
+                "SELECT public_key_sha256, registration_id, batch_id FROM certificates WHERE "
+                f"public_key_sha256 IN ({','.join('?' * len(part))}) AND batch_id != ? "
+                "ORDER BY updated",
+                (*part, except_batch or ""),
+            )
+            for key, rid, batch in rows:
+                found.setdefault(key, (rid, batch))
+        return found
+
+    def _index_public_keys(self) -> None:
+        """Inventories recorded before ``public_key_sha256`` existed: read the keys of their
+        certificates from the bundles, once (a meta row says it was done)."""
+        if self.db.execute("SELECT 1 FROM meta WHERE key = ?", _KEYS_INDEXED).fetchone():
+            return
+        rows = self.db.execute(
+            "SELECT serial, bundle FROM certificates WHERE public_key_sha256 IS NULL "
+            "AND sha256 IS NOT NULL AND bundle IS NOT NULL"
+        ).fetchall()
+        found = []
+        for serial, bundle in rows:
+            try:
+                cert = x509.load_pem_x509_certificate((Path(bundle) / DEVICE_CERT).read_bytes())
+            except (OSError, ValueError):
+                continue  # a bundle moved away: rebuild the inventory to index it
+            found.append((public_key_sha256(cert), serial))
+        with self.tx():
+            self.db.executemany(
+                "UPDATE certificates SET public_key_sha256 = ? WHERE serial = ?", found
+            )
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, '1')", _KEYS_INDEXED)
 
     # -- looking up -------------------------------------------------------------------
     def find(self, query: str) -> list[Found]:
@@ -582,6 +639,22 @@ class Inventory:
             dict(zip(keys, row, strict=True))
             for row in self.db.execute(f"SELECT {', '.join(keys)} FROM crls ORDER BY issuer")
         ]
+
+
+_KEYS_INDEXED = ("public_keys_indexed",)
+
+
+def _add_public_key_column(conn: sqlite3.Connection) -> None:
+    """Inventories made before the public-key index gain the column and its index."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(certificates)")}
+    if "public_key_sha256" not in columns:
+        conn.execute("ALTER TABLE certificates ADD COLUMN public_key_sha256 TEXT")
+    elif not conn.execute("SELECT 1 FROM certificates LIMIT 1").fetchone():
+        # A new inventory: nothing recorded without the column.
+        conn.execute("INSERT OR IGNORE INTO meta VALUES (?, '1')", _KEYS_INDEXED)
+    conn.execute(
+        "CREATE INDEX IF NOT EXISTS certificates_public_key ON certificates(public_key_sha256)"
+    )
 
 
 def astuple_cert(r: CertificateRecord) -> tuple[Any, ...]:

@@ -16,13 +16,17 @@ the CRL) and the device gets another serial.
 **promote** (:mod:`.promote`) makes the renewal the device's certificate and retires the old
 one (on the CRL as ``superseded``).
 
-Device custody (the device makes its key and sends a CSR) has no key maker here yet:
-:class:`KeySource` is the extension point, and such devices are refused with a clear line.
+Device custody (the device makes its key and sends a CSR, docs/device-keys.md): the new key
+is the device's, from the CSR it sent for the renewal (``--csr-dir``: ``<registration
+id>.csr``, ``.pem`` or ``.der``). Every CSR is checked before anything changes, as in a batch
+(pipeline.ca.csr), and its key must be new to the station: a renewal is a key rollover. The
+checked CSR is kept in the operation's plan, so a resumed renewal signs exactly it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import shutil
 from collections.abc import Callable
@@ -33,12 +37,15 @@ from typing import Any, Protocol
 from cryptography import x509
 
 from ..batch.bundle import write_bundle
-from ..batch.custody import DeviceKey, key_maker
+from ..batch.custody import DeviceKey, device_key, key_maker
+from ..batch.requests import find_request
 from ..batch.signing import open_station_keys
 from ..ca.builders import Issuer, build_leaf, random_serial
+from ..ca.csr import MAX_CSR_BYTES, check_request
 from ..config.station import CustodyConfig, Station
-from ..errors import HsmError, RegistrationError, ValidationFailed
+from ..errors import HsmError, InputError, RegistrationError, ValidationFailed
 from ..files import sync_filesystem
+from ..inputfile import read_input
 from ..keyprofile import KeyProfile
 from ..serials import serial_hex
 from ..vocabulary import AuditEvent, CertificateStatus, Custody, RegistrationMode
@@ -68,8 +75,8 @@ VOID_REASON = "no durable bundle when the renewal stopped"
 
 class KeySource(Protocol):
     """Where a renewed certificate's public key comes from. The station makes it for
-    wrapped, retain and pkcs8 custody (batch.custody's key makers); a device-custody source
-    would take it from a CSR the device sent and return a DeviceKey with no private files."""
+    wrapped, retain and pkcs8 custody (batch.custody's key makers); in device custody it is
+    the CSR in the renewal's plan (:func:`batch.custody.device_key`, no private file)."""
 
     def make(self, registration_id: str, may_exist: bool) -> DeviceKey: ...
 
@@ -149,6 +156,7 @@ def _on_renewed(inv: Inventory, op: Operation, rid: str, data: dict[str, Any]) -
             key_profile=data["key_profile"],
             bundle=data["bundle"],
             status=CertificateStatus.STAGED,
+            public_key_sha256=data.get("public_key_sha256"),
         )
     )
     after = ENROLL if device is not None and device.mode is RegistrationMode.INDIVIDUAL else DONE
@@ -200,8 +208,10 @@ def renew(
     resume: bool = False,
     operations_per_minute: int | None = None,
     note: Callable[[str], None] = print,
+    csr_dir: Path | None = None,
 ) -> RenewResult:
-    """Renew the devices ``targets`` names (or resume the unfinished renewal)."""
+    """Renew the devices ``targets`` names (or resume the unfinished renewal).
+    ``csr_dir`` holds the new CSRs of device-custody devices."""
     plan: list[tuple[str, str, dict[str, Any]]] = []
     args: dict[str, Any] = {}
     if not resume:
@@ -209,9 +219,11 @@ def renew(
         args = {"devices": len(rids), "targets_sha256": fingerprint(rids)}
         if validity_days:
             args["validity_days"] = validity_days
+        if csr_dir is not None:
+            args["csr_dir"] = str(csr_dir)
         resume = resumes(station, RENEW, args)
         if not resume:
-            plan = _renewal_plan(station, rids, validity_days)
+            plan = _renewal_plan(station, rids, validity_days, csr_dir)
     precheck(station, RENEW, args, resume)
     if resume or any(d.get("mode") == RegistrationMode.INDIVIDUAL for _, _, d in plan):
         require_endpoints(station)
@@ -248,13 +260,15 @@ def renew(
 
 
 def _renewal_plan(
-    station: Station, rids: list[str], validity_days: int | None
+    station: Station, rids: list[str], validity_days: int | None, csr_dir: Path | None = None
 ) -> list[tuple[str, str, dict[str, Any]]]:
     """Every device, checked before anything changes: known, not revoked, one active
-    certificate, no renewal staged, a custody the station can make keys for."""
+    certificate, no renewal staged, a custody the station can make keys for (in device
+    custody: a CSR that passes every check, for a key the station has never certified)."""
     inventory = Inventory.of(station, create=False)
     plan: list[tuple[str, str, dict[str, Any]]] = []
     problems: list[str] = []
+    new_keys: dict[str, str] = {}  # device custody: new key -> device, within this renewal
     try:
         for rid in rids:
             device = inventory.device(rid)
@@ -268,24 +282,26 @@ def _renewal_plan(
                 problems.append(f"{rid}: a renewal is staged: promote it first (--promote)")
             elif not active:
                 problems.append(f"{rid}: no active certificate to renew")
-            elif (why := _custody_problem(station, active[-1])) is not None:
+            elif (why := _custody_problem(station, active[-1], csr_dir)) is not None:
                 problems.append(f"{rid}: {why}")
             else:
                 old = active[-1]
-                plan.append(
-                    (
-                        rid,
-                        ISSUE,
-                        {
-                            "old": old.serial,
-                            "custody": old.custody,
-                            "profile": old.key_profile,
-                            "validity_days": validity_days or _validity_days(old),
-                            "batch": old.batch_id,
-                            "mode": device.mode.value,
-                        },
-                    )
-                )
+                detail = {
+                    "old": old.serial,
+                    "custody": old.custody,
+                    "profile": old.key_profile,
+                    "validity_days": validity_days or _validity_days(old),
+                    "batch": old.batch_id,
+                    "mode": device.mode.value,
+                }
+                if old.custody == Custody.DEVICE:
+                    assert csr_dir is not None
+                    request = _renewal_request(inventory, csr_dir, rid, old, new_keys)
+                    if isinstance(request, str):
+                        problems.append(f"{rid}: {request}")
+                        continue
+                    detail.update(request)
+                plan.append((rid, ISSUE, detail))
     finally:
         inventory.close()
     if problems:
@@ -296,13 +312,47 @@ def _renewal_plan(
     return plan
 
 
-def _custody_problem(station: Station, cert: CertificateRecord) -> str | None:
+def _renewal_request(
+    inventory: Inventory,
+    csr_dir: Path,
+    rid: str,
+    old: CertificateRecord,
+    new_keys: dict[str, str],
+) -> dict[str, Any] | str:
+    """The checked CSR of a device-custody renewal, as the plan keeps it, or the problem."""
+    try:
+        path = find_request(csr_dir, rid)
+        data = read_input(path, limit=MAX_CSR_BYTES, what="CSR")
+        checked = check_request(data, rid, KeyProfile(old.key_profile or ""))
+    except (InputError, ValueError) as exc:
+        return exc.line() if isinstance(exc, InputError) else str(exc)
+    key = checked.public_key_sha256
+    seen = inventory.keys_seen([key])
+    if key in seen or key in new_keys:
+        other, where = seen.get(key) or (new_keys[key], "this renewal")
+        return (
+            f"CSR {path}: its key was certified for {other} in {where} (a renewal is a key "
+            "rollover: the device makes a new key)"
+        )
+    new_keys[key] = rid
+    return {
+        "csr": base64.b64encode(checked.der).decode(),
+        "csr_sha256": checked.csr_sha256,
+        "public_key_sha256": key,
+    }
+
+
+def _custody_problem(
+    station: Station, cert: CertificateRecord, csr_dir: Path | None = None
+) -> str | None:
     try:
         custody = Custody(cert.custody or "")
     except ValueError:
+        return f"custody {cert.custody!r} is not one this provline knows"
+    if custody is Custody.DEVICE and csr_dir is None:
         return (
-            f"custody {cert.custody!r}: the device makes its key, so a renewal needs its CSR "
-            "(not supported yet)"
+            "custody device: the device makes its new key; give --csr-dir with its CSR "
+            "(<registration-id>.csr | .pem | .der)"
         )
     if custody is Custody.WRAPPED and station.custody.transport_key is None:
         return "wrapped custody needs the station's custody.transport_key"
@@ -404,8 +454,12 @@ def _issue_one(
     custody, profile = detail["custody"], detail["profile"]
     signed = False
     try:
-        label = f"{rid}@{op_id}" if custody == Custody.RETAIN else rid
-        key = source(custody, profile).make(label, True)
+        if custody == Custody.DEVICE:
+            row = (rid, base64.b64decode(detail["csr"]), detail["csr_sha256"])
+            key = device_key((*row, detail["public_key_sha256"]), KeyProfile(profile))
+        else:
+            label = f"{rid}@{op_id}" if custody == Custody.RETAIN else rid
+            key = source(custody, profile).make(label, True)
         cert = build_leaf(
             key.public, rid, issuer, serial=int(serial, 16), validity_days=detail["validity_days"]
         )

@@ -21,9 +21,14 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
+from ..ca.certs import key_matches
 from ..config.station import HsmConfig
 from ..errors import InputError, RegistrationError
+from ..inputfile import KIB, read_input
+from ..keyprofile import PrivateKey
 from ..layout import DEVICE_JSON, FULL_CHAIN, PKCS8_KEY
 from ..secret import SecretRef
 from ..vocabulary import Custody
@@ -31,6 +36,7 @@ from .endpoints import DEVICE_API, HUB_TELEMETRY_API, Endpoints
 from .service import ServiceError, error_of, json_object, short_reason
 
 ENGINE_GLOB = "/usr/lib/*/engines-3/pkcs11.so"
+MAX_KEY_FILE_BYTES = 64 * KIB
 
 
 class DeviceClient:
@@ -230,18 +236,27 @@ def device_check(
     registration_ids: list[str],
     passphrase: SecretRef | None,
     hsm: HsmConfig | None = None,
+    key_dir: Path | None = None,
 ) -> list[DeviceCheck]:
     """What a device does after flashing, for each device: register over mTLS with its
     bundle, poll until assigned, send one telemetry message to the assigned hub. pkcs8 keys
     are used from their files; retained keys sign inside the HSM (curl + the PKCS#11 engine).
     Wrapped keys are only usable once a device has unwrapped them, so they cannot be checked
-    here."""
+    here. Device-custody keys never reach the station: ``key_dir`` holds keys the caller
+    has (a device lab, a test that made its devices' keys with openssl), as
+    ``<registration-id>.key.pem`` or ``<registration-id>.key``, unencrypted PEM."""
     results = []
     for rid in registration_ids:
         bundle = batch_dir / rid
         key = json.loads((bundle / DEVICE_JSON).read_text())["key"]
         client: DeviceClient | CurlDevice
-        if key["custody"] == Custody.PKCS8:
+        if key["custody"] == Custody.DEVICE:
+            held = _held_key(key_dir, rid, bundle)
+            if isinstance(held, DeviceCheck):
+                results.append(held)
+                continue
+            client = DeviceClient(endpoints, bundle / FULL_CHAIN, held)
+        elif key["custody"] == Custody.PKCS8:
             client = DeviceClient(
                 endpoints,
                 bundle / FULL_CHAIN,
@@ -281,6 +296,29 @@ def device_check(
             client.close()
         results.append(seen)
     return results
+
+
+def _held_key(key_dir: Path | None, rid: str, bundle: Path) -> Path | DeviceCheck:
+    """The caller's key file of a device-custody device, checked against its leaf (a
+    mismatch is that device's failed check, not an error of the whole command)."""
+    if key_dir is None:
+        raise RegistrationError(
+            f"{rid}: device custody: the device holds its key, the station never does",
+            rule="check device-custody devices with --key-dir (keys you hold)",
+        )
+    found = [p for p in (key_dir / f"{rid}.key.pem", key_dir / f"{rid}.key") if p.is_file()]
+    if not found:
+        return DeviceCheck(rid, "error", reason=f"no {rid}.key.pem or {rid}.key in {key_dir}")
+    try:
+        private = serialization.load_pem_private_key(
+            read_input(found[0], limit=MAX_KEY_FILE_BYTES, what="device key file"), None
+        )
+        leaf = x509.load_pem_x509_certificate((bundle / FULL_CHAIN).read_bytes())
+    except (ValueError, TypeError, InputError) as exc:
+        return DeviceCheck(rid, "error", reason=f"{found[0]}: {short_reason(exc)}")
+    if not isinstance(private, PrivateKey) or not key_matches(private, leaf):
+        return DeviceCheck(rid, "error", reason=f"{found[0]} is not the key of {rid}'s leaf")
+    return found[0]
 
 
 def sample(ids: list[str], count: int) -> list[str]:

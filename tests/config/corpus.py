@@ -12,10 +12,16 @@ manifest (``m.yaml`` by default), ``pin`` (the token PIN, 0600) and the case's o
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 STATION = """\
 station: corpus
@@ -162,6 +168,56 @@ def _batch_dir_with(name: str) -> Callable[[Path], None]:
 
 
 LOCAL = manifest(ONE.rstrip(), head="batch_id: corpus\n")  # registers nothing
+# ----------------------------------------------------------------- device-custody CSRs
+# Made once at import (cryptography): what a device, a vendor or a careless script supplies
+# where the manifest names a CSR (docs/device-keys.md).
+DEVICE = sub("  policy: wrapped\n", "  policy: device\n")
+
+
+def _key(kind: str = "p256") -> ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey:
+    if kind == "rsa1024":
+        return rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _csr(
+    cn: str | None, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | None = None
+) -> bytes:
+    names = [x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else []
+    request = x509.CertificateSigningRequestBuilder().subject_name(x509.Name(names))
+    return request.sign(key or _key(), hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def _self_signed() -> bytes:
+    key = _key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev-1")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _broken_signature() -> bytes:
+    der = bytearray(x509.load_pem_x509_csr(_csr("dev-1")).public_bytes(serialization.Encoding.DER))
+    der[-3] ^= 1
+    return bytes(der)
+
+
+_SHARED_KEY = _key()
+_PRIVATE_KEY_PEM = _key().private_bytes(
+    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+)
+CSR_ONE = manifest("devices:", "  - {registration_id: dev-1, csr: c.csr}")
+
+
 PIN_SECRET = "s3cret-PIN-4711"  # what an operator typed where a source belongs
 TLS_FILE = "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n"
 IDS = "DPS registration ID"
@@ -1356,6 +1412,206 @@ CASES: list[Case] = [
         "# a lot for line A\n---\nbatch_id: corpus  # the lot\n" + ONE + "...\n",
         code=0,
         devices=1,
+    ),
+    # -- device custody: CSR files (bounded reads, like every input file; docs/device-keys.md)
+    Case(
+        "csr-is-a-directory",
+        CSR_ONE,
+        station=DEVICE,
+        setup=_mkdir("c.csr"),
+        where=f"{M}:4",
+        says=("dev-1: CSR ", "/c.csr is a directory"),
+    ),
+    Case(
+        "csr-dev-zero",
+        manifest("devices:", "  - {registration_id: dev-1, csr: /dev/zero}"),
+        station=DEVICE,
+        where=f"{M}:4",
+        says=("CSR /dev/zero is not a regular file",),
+    ),
+    Case(
+        "csr-fifo",
+        CSR_ONE,
+        station=DEVICE,
+        setup=_fifo("c.csr"),
+        where=f"{M}:4",
+        says=("is not a regular file",),
+    ),
+    Case(
+        "csr-over-16-kib",
+        CSR_ONE,
+        station=DEVICE,
+        setup=_sparse("c.csr", 17 * 1024),
+        where=f"{M}:4",
+        says=("is 17,408 bytes", "a CSR is at most 16 KiB"),
+    ),
+    Case(
+        "csr-missing-file",
+        CSR_ONE,
+        station=DEVICE,
+        where=f"{M}:4",
+        says=("dev-1: CSR ", "/c.csr does not exist"),
+    ),
+    Case(
+        "csr-symlink-to-dev-zero",
+        CSR_ONE,
+        station=DEVICE,
+        setup=_symlink("c.csr", "/dev/zero"),
+        where=f"{M}:4",
+        says=("is not a regular file",),
+    ),
+    Case(
+        "csr-garbage-with-terminal-escapes",
+        CSR_ONE,
+        station=DEVICE,
+        files={"c.csr": b"\x1b]0;owned\x07\x1b[2J junk \xff\xfe"},
+        where=f"{M}:4",
+        says=("not PEM and not DER",),
+        hidden=("owned",),
+    ),
+    Case(
+        "csr-is-a-certificate",
+        CSR_ONE,
+        station=DEVICE,
+        files={"c.csr": _self_signed()},
+        where=f"{M}:4",
+        says=("a certificate, not a certificate signing request",),
+    ),
+    Case(
+        "csr-is-a-private-key",
+        CSR_ONE,
+        station=DEVICE,
+        files={"c.csr": _PRIVATE_KEY_PEM},
+        where=f"{M}:4",
+        says=("a private key",),
+        hidden=(_PRIVATE_KEY_PEM.decode().splitlines()[1][:24],),
+    ),
+    Case(
+        "csr-wrong-cn",
+        CSR_ONE,
+        station=DEVICE,
+        files={"c.csr": _csr("dev-2")},
+        where=f"{M}:4",
+        says=("subject CN 'dev-2' is not the registration ID dev-1",),
+    ),
+    Case(
+        "csr-cn-with-terminal-escape",
+        CSR_ONE,
+        station=DEVICE,
+        files={"c.csr": _csr("dev-1\x1b[2J")},
+        where=f"{M}:4",
+        says=("\\x1b[2J",),
+    ),
+    Case(
+        "csr-rsa-1024",
+        CSR_ONE,
+        station=DEVICE,
+        files={"c.csr": _csr("dev-1", _key("rsa1024"))},
+        where=f"{M}:4",
+        says=("RSA-1024", "under 2048 bits"),
+    ),
+    Case(
+        "csr-broken-signature",
+        CSR_ONE,
+        station=DEVICE,
+        files={"c.csr": _broken_signature()},
+        where=f"{M}:4",
+        says=("signature does not verify",),
+    ),
+    Case(
+        "csr-same-key-twice",
+        manifest(
+            "devices:",
+            "  - {registration_id: dev-1, csr: a.csr}",
+            "  - {registration_id: dev-2, csr: b.csr}",
+        ),
+        station=DEVICE,
+        files={"a.csr": _csr("dev-1", _SHARED_KEY), "b.csr": _csr(None, _SHARED_KEY)},
+        where=f"{M}:5",
+        says=(
+            "dev-2: CSR ",
+            "/b.csr: its key is also the key of dev-1",
+        ),
+    ),
+    Case(
+        "csr-dir-without-the-device",
+        manifest("csr_dir: csrs", ONE.rstrip()),
+        station=DEVICE,
+        setup=_mkdir("csrs"),
+        where=f"{M}:5",
+        says=("dev-1: no CSR in ", "/csrs (looked for dev-1.csr, dev-1.pem, dev-1.der)"),
+    ),
+    Case(
+        "csr-dir-two-suffixes",
+        manifest("csr_dir: csrs", ONE.rstrip()),
+        station=DEVICE,
+        files={"csrs/dev-1.csr": _csr("dev-1"), "csrs/dev-1.der": _csr("dev-1")},
+        where=f"{M}:5",
+        says=("2 CSRs in ", "dev-1.csr, dev-1.der"),
+    ),
+    Case(
+        "csr-dir-is-a-file",
+        manifest("csr_dir: f", ONE.rstrip()),
+        station=DEVICE,
+        files={"f": "x"},
+        where=f"{M}:3",
+        says=("csr_dir ", "/f is not a directory"),
+    ),
+    Case(
+        "csr-empty-name",
+        manifest("devices:", "  - {registration_id: dev-1, csr: ''}"),
+        station=DEVICE,
+        where=f"{M}:4",
+        says=("csr is empty",),
+    ),
+    Case(
+        "csr-name-with-control-character",
+        manifest("devices:", '  - {registration_id: dev-1, csr: "c\\x1b[8m.csr"}'),
+        station=DEVICE,
+        where=f"{M}:4",
+        says=("control character",),
+    ),
+    Case(
+        "csr-csv-column-missing-file",
+        CSV,
+        station=DEVICE,
+        files={"d.csv": "registration_id,csr\ndev-1,nowhere.csr\n"},
+        where="d.csv:2",
+        says=("dev-1: CSR ", "/nowhere.csr does not exist"),
+    ),
+    Case(
+        "csrs-with-wrapped-custody",
+        manifest("csr_dir: csrs", ONE.rstrip()),
+        files={"csrs/dev-1.csr": _csr("dev-1")},
+        where=f"{M}:3",
+        says=("custody is wrapped (CSRs are for custody device)",),
+    ),
+    Case(
+        "device-custody-without-csrs",
+        station=DEVICE,
+        where=M,
+        says=("needs a CSR per device",),
+    ),
+    Case(
+        "ok-device-csrs-dir-yaml-and-csv-column",
+        manifest(
+            "csr_dir: csrs",
+            "devices_csv: d.csv",
+            "devices:",
+            "  - {registration_id: dev-1}",
+            "  - {registration_id: dev-2, csr: own.der}",
+            head="batch_id: corpus\n",
+        ),
+        station=DEVICE,
+        files={
+            "csrs/dev-1.pem": _csr("dev-1"),
+            "own.der": x509.load_pem_x509_csr(_csr(None)).public_bytes(serialization.Encoding.DER),
+            "d.csv": "registration_id,csr\ndev-3,sub/dev-3.csr\ndev-4,\n",
+            "sub/dev-3.csr": _csr("dev-3"),
+            "csrs/dev-4.csr": _csr(None),
+        },
+        code=0,
+        devices=4,
     ),
 ]
 

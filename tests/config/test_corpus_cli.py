@@ -168,6 +168,8 @@ BOMBS = [
     "station-alias-bomb",
     "csv-dev-zero",
     "pin-file-dev-zero",
+    "csr-dev-zero",
+    "csr-over-16-kib",
 ]
 FRESH_CAP = 512 * 1024 * 1024  # address space for a whole fresh CLI process (~70 MB idle)
 
