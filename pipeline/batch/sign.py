@@ -66,6 +66,7 @@ from ..keyprofile import KeyProfile
 from ..layout import FULL_CHAIN
 from ..lifecycle.inventory import Inventory, batch_issuer
 from ..registration.stage import RegisterOptions
+from ..serials import serial_hex
 from ..stats import StageStats
 from ..vocabulary import AuditEvent, Custody, RegistrationMode
 from . import ledger
@@ -392,7 +393,7 @@ class _Signer:
                 rule="one key per device: a cloned or reused device key is a manufacturing fault",
             )
         row = (rid, checked.der, checked.csr_sha256, checked.public_key_sha256)
-        serial = format(random_serial(), "X")
+        serial = serial_hex(random_serial())
         journal.join(rid, rid, NO_TWIN, row, serial)
         self.open_intent = True
         self.run.audit.append(AuditEvent.INTENT, rid, {"serial": serial})

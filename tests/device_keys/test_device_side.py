@@ -45,7 +45,7 @@ def _check(batch: Path, station: Path, keys: Path, h: Hsm, rids: list[str]) -> N
         check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    checks = json.loads(done.stdout)
+    checks = json.loads(done.stdout)["devices"]
     assert [c["registration_id"] for c in checks] == rids
     for check in checks:
         assert check["status"] == "assigned" and check["telemetry"] == "sent", check

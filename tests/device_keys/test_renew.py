@@ -53,7 +53,7 @@ def test_renew_with_a_new_csr(hsm_env: Hsm, ca_env: CA, tmp_path: Path) -> None:
     found = json.loads(
         provline("find", "rn-1", "--station", str(station), "--json", env=hsm_env.env()).stdout
     )
-    assert sorted(f["certificate"]["status"] for f in found) == ["active", "staged"]
+    assert sorted(f["certificate"]["status"] for f in found["certificates"]) == ["active", "staged"]
     # the lifecycle log verifies offline (the library call: `provline audit verify` on a
     # lifecycle directory is the same function)
     summary = verify_lifecycle(lifecycle_dir(load_station(station)), load_cert(ca_env.root))
