@@ -201,7 +201,7 @@ def test_a_signal_stops_the_run_cleanly(
     assert 0 < report["counts"].get("bundled", 0) < 600
     assert "aborted" in (batch / "report.txt").read_text()
     events = [e["event"] for e in audit_events(batch)]
-    assert events[-3:] == ["aborted", "run_end", "seal"]
+    assert events[-4:] == ["aborted", "run_end", "report", "seal"]
     states = serial_states(batch)
     assert "intent" not in states.values() and "void" not in states.values()  # nothing lost
     assert _verify(batch, ca_env).returncode == 0  # an aborted run's log verifies
@@ -210,7 +210,11 @@ def test_a_signal_stops_the_run_cleanly(
 
 
 # ------------------------------------------------------------------ unreachable DPS (4)
-def test_an_endpoint_that_refuses_connections(hsm_env: Hsm, ca_env: CA, tmp_path: Path) -> None:
+def test_an_endpoint_that_refuses_connections_before_issuing(
+    hsm_env: Hsm, ca_env: CA, tmp_path: Path
+) -> None:
+    """DPS unreachable at the pre-issue check: bounded retries, then the run refuses (51)
+    with the last error, and nothing is signed."""
     port = free_ports(1)[0]  # nothing listens there
     env = {
         **hsm_env.env(),
@@ -230,27 +234,55 @@ def test_an_endpoint_that_refuses_connections(hsm_env: Hsm, ca_env: CA, tmp_path
     run = start_run(
         manifest, station, "--json", "--unreachable-deadline", "4", env=env, logs=tmp_path / "l"
     )
-    assert run.wait() == 5, run.stderr
+    assert run.wait() == 51, run.stderr
     assert time.monotonic() - started < 60
+    [line] = _errors(run.stderr)
+    assert "unreachable for 4 s" in line and "nothing was signed" in line, line
+    assert "ConnectError" in line and "Connection refused" in line, line
+    assert not (tmp_path / "out" / "dead-dps").exists()
+
+
+def test_an_endpoint_that_goes_away_after_issuing(hsm_env: Hsm, ca_env: CA, tmp_path: Path) -> None:
+    """DPS answers the pre-issue check, then stops answering before registration: bounded
+    retries shown as they happen, every device register_failed with the reason (exit 5),
+    and the sealed log verifies."""
+    emu = start_emulator(emulator_dir(tmp_path))
+    station = write_station(
+        tmp_path / "s.yaml",
+        hsm_env,
+        ca_env,
+        output=tmp_path / "out",
+        extra=f"dps:\n  emulator_dir: {emu.dir}\n  operations_per_minute: 6000\n",
+    )
+    manifest = write_manifest(tmp_path / "m.yaml", "gone-dps", "gd-", 25, "individual")
+    run = start_run(
+        manifest,
+        station,
+        "--json",
+        "--upload-ca",
+        "--unreachable-deadline",
+        "4",
+        env=hsm_env.env(),
+        logs=tmp_path / "l",
+        crash_at="register.start:1:stop",
+    )
+    try:
+        wait_stopped(run)
+    finally:
+        emu.stop()
+    os.kill(run.proc.pid, signal.SIGCONT)
+    assert run.wait() == 5, run.stderr
     report = json.loads(run.stdout)
     assert report["exit_code"] == 5 and report["counts"] == {"register_failed": 25}
     for failure in report["failures"]:
         assert "unreachable for 4 s" in failure["reason"], failure
-        assert "ConnectError" in failure["reason"] and "Connection refused" in failure["reason"]
+        assert "ConnectError" in failure["reason"], failure
     events = [json.loads(line) for line in run.stderr.splitlines() if line.startswith("{")]
     retries = [e for e in events if e["event"] == "retry"]
     assert retries and retries[-1]["retries"] >= 2 and retries[-1]["stage"] == "register"
     assert "ConnectError" in retries[-1]["last_error"]
-    assert "Connection refused" in retries[-1]["last_error"]
     assert _errors(run.stderr) == []
-    # the same without --json: a progress line with the retry count and the last error
-    again = start_run(
-        manifest, station, "--unreachable-deadline", "2", env=env, logs=tmp_path / "l"
-    )
-    assert again.wait() == 5, again.stderr
-    assert "register: 0/25, retry" in again.stderr and "last error: ConnectError" in again.stderr
-    assert "register_failed: dd-00001:" in again.stdout
-    assert _verify(tmp_path / "out" / "dead-dps", ca_env).returncode == 0
+    assert _verify(tmp_path / "out" / "gone-dps", ca_env).returncode == 0
 
 
 def test_an_emulator_restarted_on_other_ports_is_picked_up(
