@@ -38,6 +38,18 @@ def ca_env(hsm_env: Hsm, tmp_path_factory: pytest.TempPathFactory) -> CA:
     return make_ca(hsm_env, tmp_path_factory.mktemp("ca"))
 
 
+@pytest.fixture
+def own_tokens(_tools: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[Hsm, CA]:
+    """Tokens and a CA of this test's own, for tests that SIGKILL provline while it works.
+    SoftHSM2 rewrites its token file in place (truncate, then write) when a session logs
+    in, so a kill at that instant can leave the token unreadable (docs/hsm.md): then only
+    this test's tokens are lost. Open them only in subprocesses (one SoftHSM2 config per
+    process: the session's)."""
+    base = tmp_path_factory.mktemp("own-hsm")
+    h = make_hsm(base, token="own-station", root_token="own-root")
+    return h, make_ca(h, base / "ca")
+
+
 @pytest.fixture(scope="session")
 def ock_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ock]:
     """openCryptoki's software token, its own pkcsslotd in a private mount namespace; stopped

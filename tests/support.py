@@ -101,6 +101,31 @@ def make_hsm(base: Path, token: str = "test-station", root_token: str = "test-ro
     return Hsm(base / "hsm", base / "hsm" / "softhsm2.conf", token, root_token, pin, root_pin)
 
 
+def token_labels(h: Hsm, object_class: str = "PRIVATE_KEY") -> list[str]:
+    """Labels of the objects of one class in ``h``'s station token, read in a subprocess
+    (the tokens need not be the session's)."""
+    script = (
+        "import json, sys\n"
+        "from pkcs11 import ObjectClass\n"
+        "from pipeline import hsm\n"
+        "from pipeline.secret import SecretRef\n"
+        "token = hsm.open_token(sys.argv[1], sys.argv[2], SecretRef('file', sys.argv[3]), "
+        "sys.argv[4])\n"
+        "print(json.dumps([o.label for o in token.objects(ObjectClass[sys.argv[5]])]))\n"
+    )
+    args = [MODULE, h.token, str(h.pin_file), str(h.conf), object_class]
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=ROOT,
+        env=h.env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    labels: list[str] = json.loads(out.stdout)
+    return labels
+
+
 def make_ca(h: Hsm, out: Path, profile: str = "ec-p256") -> CA:
     env = h.env()
     root_uri = (

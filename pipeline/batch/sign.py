@@ -183,7 +183,10 @@ def _parse_lot(meta: dict[str, str], batch_dir: Path) -> tuple[LotSettings, LotS
 
 # ------------------------------------------------------------------------------ the lot
 def open_lot(
-    station: Station, settings: LotSettings, progress: ProgressSink | None = None
+    station: Station,
+    settings: LotSettings,
+    progress: ProgressSink | None = None,
+    operator: str | None = None,
 ) -> RunResult:
     """Create the open lot (or find it open already, with the same settings): its journal
     without devices, its log started and sealed, its report. Refused, before any side
@@ -204,7 +207,12 @@ def open_lot(
         return StageStats(seconds=0.0, devices=0)
 
     return run_batch(
-        settings.manifest(), station, progress=progress, issue=mark_open, registration=False
+        settings.manifest(),
+        station,
+        progress=progress,
+        operator=operator,
+        issue=mark_open,
+        registration=False,
     )
 
 
@@ -215,6 +223,7 @@ def close_lot(
     progress: ProgressSink | None = None,
     workers: int | None = None,
     register: RegisterOptions | None = None,
+    operator: str | None = None,
 ) -> RunResult:
     """Close the lot: from now on no device joins it. Devices a kill left without a
     certificate (their serial voided or released) are issued from the CSRs the journal
@@ -228,7 +237,12 @@ def close_lot(
         finally:
             journal.close()
     return run_batch(
-        settings.manifest(), station, progress=progress, workers=workers, register=register
+        settings.manifest(),
+        station,
+        progress=progress,
+        workers=workers,
+        register=register,
+        operator=operator,
     )
 
 
@@ -283,6 +297,7 @@ def sign_session(
     requests: RequestSource,
     answer: Answer,
     progress: ProgressSink | None = None,
+    operator: str | None = None,
 ) -> RunResult:
     """Serve ``requests`` into the open lot ``batch_id``, answering each in order. Refused
     requests (exit code 2 in their answer) change nothing; a device whose signing fails is
@@ -293,7 +308,12 @@ def sign_session(
         raise InputError(f"lot {batch_id} is closed", rule="no device joins a closed lot")
     stage = _SessionStage(settings, requests, answer)
     return run_batch(
-        settings.manifest(), station, progress=progress, issue=stage, registration=False
+        settings.manifest(),
+        station,
+        progress=progress,
+        operator=operator,
+        issue=stage,
+        registration=False,
     )
 
 

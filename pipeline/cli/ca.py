@@ -22,6 +22,7 @@ from .app import (
     ConfOpt,
     JsonOpt,
     ModuleOpt,
+    OperatorOpt,
     PassphraseOpt,
     PinOpt,
     ProfileOpt,
@@ -299,11 +300,12 @@ def ca_crl(
     days: Annotated[
         int | None, typer.Option("--days", min=1, help="Days until nextUpdate (default: station).")
     ] = None,
+    operator: OperatorOpt = None,
 ) -> None:
     """Sign the issuing CA's cumulative CRL in the HSM: every revoked, retired and void serial
     of the station inventory (docs/lifecycle.md). Void serials may have been signed before a
     crash; their bundles were never durable."""
-    issued = publish_crl(load_station(station), batch_dirs or [], out, days)
+    issued = publish_crl(load_station(station), batch_dirs or [], out, days, operator=operator)
     print(f"CRL number {issued.number} with {issued.entries} revoked serials: {issued.path}")
     if out is not None:
         print(f"copied to {out}")

@@ -20,7 +20,7 @@ from ..lifecycle.reconcile import reconcile
 from ..lifecycle.renew import renew
 from ..lifecycle.revoke import revoke
 from ..lifecycle.targets import Targets
-from .app import JsonOpt, StationOpt, app, print_json
+from .app import JsonOpt, OperatorOpt, StationOpt, app, print_json
 
 inventory_app = typer.Typer(
     help="The station inventory: every certificate the station issued.", no_args_is_help=True
@@ -101,6 +101,7 @@ def revoke_cmd(
     batch: BatchOpt = None,
     resume: ResumeOpt = False,
     pace: PaceOpt = None,
+    operator: OperatorOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Revoke devices: CRL signed in the HSM, DPS enrollment disabled (or a disabled one
@@ -111,6 +112,7 @@ def revoke_cmd(
         parse_reason(reason),
         resume=resume,
         operations_per_minute=pace,
+        operator=operator,
         note=_note,
     )
     if as_json:
@@ -124,10 +126,11 @@ def revoke_cmd(
                 f"CRL number {result.crl.number}, {result.crl.entries} serials: {result.crl.path}"
             )
         print("DPS: " + _counts(result.dps) + "   IoT Hub: " + _counts(result.hub))
-        for failure in result.failures[:20]:
+        for failure in result.failures[:SHOWN]:
             print(
                 f"failed {failure['registration_id']}: DPS {failure['dps']}; hub {failure['hub']}"
             )
+        _more(len(result.failures))
     raise typer.Exit(result.exit_code)
 
 
@@ -155,13 +158,21 @@ def renew_cmd(
             help="Custody device: the devices' new CSRs, <registration-id>.csr | .pem | .der.",
         ),
     ] = None,
+    operator: OperatorOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """New certificates (same CN, new serial, new key) with the old ones still valid; an
     individual enrollment gets the new one as secondary. --promote finishes the roll."""
     st, targets = load_station(station), _targets(device, lists, batch)
     if promote_:
-        result = promote(st, targets, resume=resume, operations_per_minute=pace, note=_note)
+        result = promote(
+            st,
+            targets,
+            resume=resume,
+            operations_per_minute=pace,
+            operator=operator,
+            note=_note,
+        )
     else:
         result = renew(
             st,
@@ -169,6 +180,7 @@ def renew_cmd(
             validity_days=validity_days,
             resume=resume,
             operations_per_minute=pace,
+            operator=operator,
             note=_note,
             csr_dir=csr_dir,
         )
@@ -183,8 +195,9 @@ def renew_cmd(
             print(f"promoted {result.enrolled}")
             if result.crl:
                 print(f"CRL number {result.crl.number}: {result.crl.path}")
-        for failure in result.failures[:20]:
+        for failure in result.failures[:SHOWN]:
             print(f"failed {failure['registration_id']}: {failure['reason']}")
+        _more(len(result.failures))
     raise typer.Exit(result.exit_code)
 
 
@@ -212,11 +225,18 @@ def reconcile_cmd(
         bool, typer.Option("--fix", help="Repair what provline owns; report the rest.")
     ] = False,
     pace: PaceOpt = None,
+    operator: OperatorOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Compare the inventory with DPS (enrollments, groups, registrations) and IoT Hub; list
     drift. Exit 5 while drift remains."""
-    report = reconcile(load_station(station), fix=fix, operations_per_minute=pace, note=_note)
+    report = reconcile(
+        load_station(station),
+        fix=fix,
+        operations_per_minute=pace,
+        operator=operator,
+        note=_note,
+    )
     if as_json:
         print_json("reconcile", report.to_json())
     else:
@@ -264,3 +284,11 @@ def _emit(data: dict[str, Any], as_json: bool, kind: str) -> None:
 
 def _counts(counts: dict[str, int]) -> str:
     return "  ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"
+
+
+SHOWN = 20  # failures printed one by one; --json lists every one
+
+
+def _more(total: int) -> None:
+    if total > SHOWN:
+        print(f"... and {total - SHOWN} more of {total} (--json lists every one)")

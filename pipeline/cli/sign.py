@@ -31,7 +31,7 @@ from ..files import write_all
 from ..keyprofile import KeyProfile
 from ..registration.stage import RegisterOptions
 from ..vocabulary import RegistrationMode
-from .app import JsonOpt, StationOpt, app
+from .app import JsonOpt, OperatorOpt, StationOpt, app
 
 lot_app = typer.Typer(
     help="Open lots: devices with their own keys join one at a time (provline sign).",
@@ -58,12 +58,13 @@ def lot_open_cmd(
         RegistrationMode,
         typer.Option("--registration", help="Registration when the lot closes."),
     ] = RegistrationMode.NONE,
+    operator: OperatorOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Open a lot that devices join one at a time with their own CSR (custody device).
     Opening it again with the same settings does nothing."""
     settings = LotSettings(batch_id, product, key_profile, validity_days, registration)
-    _print_run(open_lot(load_station(station), settings, Silent()), as_json)
+    _print_run(open_lot(load_station(station), settings, Silent(), operator), as_json)
 
 
 @lot_app.command("close")
@@ -83,6 +84,7 @@ def lot_close_cmd(
         int | None, typer.Option("--operations-per-minute", min=1, help="Registration pace.")
     ] = None,
     quiet: QuietOpt = False,
+    operator: OperatorOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Close a lot: no device joins it any more; devices a kill left without a certificate
@@ -98,7 +100,10 @@ def lot_close_cmd(
     )
     progress = for_terminal(quiet, json_events=as_json)
     _print_run(
-        close_lot(st, batch_id, progress=progress, workers=workers, register=options), as_json
+        close_lot(
+            st, batch_id, progress=progress, workers=workers, register=options, operator=operator
+        ),
+        as_json,
     )
 
 
@@ -122,6 +127,7 @@ def sign_cmd(
         bool, typer.Option("--json", help="Answer as the serve protocol's JSON object.")
     ] = False,
     quiet: QuietOpt = False,
+    operator: OperatorOpt = None,
 ) -> None:
     """Add one device to an open lot: its CSR (PEM or DER) on stdin, its full chain (PEM:
     leaf, issuing CA, root) on stdout. With --serve, many devices over one session."""
@@ -131,7 +137,7 @@ def sign_cmd(
             raise InputError("--registration-id is per request with --serve", rule="usage")
         progress = Silent() if quiet else Lines()
         try:
-            result = sign_session(st, batch_id, requests_from(0), answers_to(1), progress)
+            result = sign_session(st, batch_id, requests_from(0), answers_to(1), progress, operator)
         except KeyboardInterrupt as exc:  # the session stopped cleanly; its report says so
             name = exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
             print(f"stopped by {name}: the lot stays open", file=sys.stderr)
@@ -150,7 +156,7 @@ def sign_cmd(
         answers.append(outcome)
         return True
 
-    result = sign_session(st, batch_id, one_request(request), keep, Silent())
+    result = sign_session(st, batch_id, one_request(request), keep, Silent(), operator)
     outcome = answers[0]
     if as_json:
         print(json.dumps(outcome.to_json() if isinstance(outcome, Signed) else _error(outcome)))

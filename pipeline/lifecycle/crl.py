@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from ..batch.journal import Journal
+from ..batch.plan import check_operator
 from ..batch.signing import open_signer
 from ..ca.builders import signing_hash, utcnow
 from ..ca.chain import load_chain
@@ -130,6 +131,7 @@ def issue_crl(
     log: StationLog | None,
     operation: str | None = None,
     days: int | None = None,
+    operator: str | None = None,
 ) -> IssuedCrl:
     """Sign and publish the cumulative CRL of the station's issuing CA, and log it (``log``
     None: a station without an audit key, ``provline ca crl`` only)."""
@@ -175,6 +177,8 @@ def issue_crl(
     }
     if operation:
         data["op"] = operation
+    if operator:
+        data["operator"] = operator
     if log is not None:
         log.write([(AuditEvent.CRL_ISSUED, None, data)])
     with inventory.tx():
@@ -196,9 +200,11 @@ def publish_crl(
     out: Path | None = None,
     days: int | None = None,
     note: Callable[[str], None] = print,
+    operator: str | None = None,
 ) -> IssuedCrl:
     """``provline ca crl``: record the given batches in the inventory (their void serials
     included), then sign the cumulative CRL of the issuing CA; also copy it to ``out``."""
+    operator = check_operator(station, operator)
     inventory = Inventory.of(station)
     try:
         for batch_dir in batch_dirs:
@@ -208,7 +214,7 @@ def publish_crl(
             return _copy(issue_crl(station, inventory, None, days=days), out)
         log = StationLog(station)
         try:
-            issued = issue_crl(station, inventory, log, days=days)
+            issued = issue_crl(station, inventory, log, days=days, operator=operator)
         finally:
             log.close(note)
     finally:

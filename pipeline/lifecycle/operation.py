@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..audit.log import Event
+from ..batch.plan import check_operator
 from ..config.station import Station
 from ..errors import InputError
 from ..vocabulary import AuditEvent
@@ -63,9 +64,15 @@ def new_id(kind: str) -> str:
 class Lifecycle:
     """A lifecycle command's context: the station, its inventory and its open, locked log."""
 
-    def __init__(self, station: Station, handlers: dict[AuditEvent, Handler]) -> None:
+    def __init__(
+        self,
+        station: Station,
+        handlers: dict[AuditEvent, Handler],
+        operator: str | None = None,
+    ) -> None:
         self.station = station
         self.handlers = handlers
+        self.operator = check_operator(station, operator)  # before the first side effect
         self.log = StationLog(station)
         try:
             self.inventory = Inventory.of(station)
@@ -131,8 +138,12 @@ class Lifecycle:
                 "INSERT INTO op_items (op, registration_id, step, detail) VALUES (?,?,?,?)",
                 ((op.id, rid, step, json.dumps(detail)) for rid, step, detail in items),
             )
-        self.commit(op, [(AuditEvent.OPERATION_START, None, {"kind": kind, **args})])
+        self.commit(op, [(AuditEvent.OPERATION_START, None, {"kind": kind, **args, **self._who()})])
         return op
+
+    def _who(self) -> dict[str, str]:
+        """Who runs this command, for its start or resume line (audit.require_operator)."""
+        return {"operator": self.operator} if self.operator else {}
 
     def _resume(self, op: Operation) -> Operation:
         """Apply again every event the log holds for ``op`` (those the database missed take
@@ -153,8 +164,9 @@ class Lifecycle:
         op.phase, op.resumed = phase, True
         events: list[Event] = []
         if not started:  # killed between journaling the operation and logging its start
-            events.append((AuditEvent.OPERATION_START, None, {"kind": op.kind, **op.args}))
-        events.append((AuditEvent.RESUME, None, {"events_replayed": applied}))
+            start = {"kind": op.kind, **op.args, **self._who()}
+            events.append((AuditEvent.OPERATION_START, None, start))
+        events.append((AuditEvent.RESUME, None, {"events_replayed": applied, **self._who()}))
         self.commit(op, events)
         return op
 

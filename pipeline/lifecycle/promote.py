@@ -76,6 +76,7 @@ def promote(
     *,
     resume: bool = False,
     operations_per_minute: int | None = None,
+    operator: str | None = None,
     note: Callable[[str], None] = print,
 ) -> RenewResult:
     """Make each device's staged renewal its certificate and retire the old one."""
@@ -90,7 +91,7 @@ def promote(
     precheck(station, PROMOTE, args, resume)
     if resume or any(d.get("mode") == RegistrationMode.INDIVIDUAL for _, _, d in plan):
         require_endpoints(station)
-    lc = Lifecycle(station, PROMOTE_HANDLERS)
+    lc = Lifecycle(station, PROMOTE_HANDLERS, operator)
     try:
         op = lc.start(PROMOTE, args, plan, PROMOTE, resume=resume)
         result = RenewResult(op.id, PROMOTE, "open", resumed=op.resumed)

@@ -516,6 +516,7 @@ def reconcile(
     *,
     fix: bool = False,
     operations_per_minute: int | None = None,
+    operator: str | None = None,
     note: Callable[[str], None] = print,
 ) -> ReconcileReport:
     """Find drift between the inventory and DPS / IoT Hub; with ``fix``, repair what
@@ -523,16 +524,20 @@ def reconcile(
     args = {"fix": True}
     if fix:
         precheck(station, KIND, args, False)
-    return asyncio.run(_reconcile(station, fix, operations_per_minute, note))
+    return asyncio.run(_reconcile(station, fix, operations_per_minute, operator, note))
 
 
 async def _reconcile(
-    station: Station, fix: bool, operations_per_minute: int | None, note: Callable[[str], None]
+    station: Station,
+    fix: bool,
+    operations_per_minute: int | None,
+    operator: str | None,
+    note: Callable[[str], None],
 ) -> ReconcileReport:
     # With --fix the lifecycle log (and the HSM holding its key) is opened first: loading the
     # PKCS#11 module can leave an error in OpenSSL's queue that a TLS connection opened
     # before it would then report; connections opened after it are not affected.
-    lc = Lifecycle(station, HANDLERS) if fix else None
+    lc = Lifecycle(station, HANDLERS, operator) if fix else None
     inventory = Inventory.of(station, create=False)
     svc = Services(station, operations_per_minute)
     try:

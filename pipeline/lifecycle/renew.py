@@ -207,6 +207,7 @@ def renew(
     validity_days: int | None = None,
     resume: bool = False,
     operations_per_minute: int | None = None,
+    operator: str | None = None,
     note: Callable[[str], None] = print,
     csr_dir: Path | None = None,
 ) -> RenewResult:
@@ -227,7 +228,7 @@ def renew(
     precheck(station, RENEW, args, resume)
     if resume or any(d.get("mode") == RegistrationMode.INDIVIDUAL for _, _, d in plan):
         require_endpoints(station)
-    lc = Lifecycle(station, RENEW_HANDLERS)
+    lc = Lifecycle(station, RENEW_HANDLERS, operator)
     try:
         op = lc.start(RENEW, args, plan, ISSUE, resume=resume)
         result = RenewResult(op.id, RENEW, "open", resumed=op.resumed)

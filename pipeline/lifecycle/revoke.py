@@ -162,6 +162,7 @@ def revoke(
     *,
     resume: bool = False,
     operations_per_minute: int | None = None,
+    operator: str | None = None,
     note: Callable[[str], None] = print,
 ) -> RevokeResult:
     """Revoke the devices ``targets`` names with the RFC 5280 ``reason`` (a name from
@@ -180,7 +181,7 @@ def revoke(
         return RevokeResult(None, "nothing to do", 0, already=already)
     if resume or any(detail.get("registers") for _, _, detail in plan):
         require_endpoints(station)
-    lc = Lifecycle(station, HANDLERS)
+    lc = Lifecycle(station, HANDLERS, operator)
     try:
         op = lc.start(KIND, args, plan, RECORD, resume=resume)
         result = RevokeResult(op.id, "open", 0, already=already, resumed=op.resumed)

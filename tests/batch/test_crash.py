@@ -13,14 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from pkcs11 import ObjectClass
-
-from pipeline import hsm
-from pipeline.secret import SecretRef
 
 from ..support import (
     CA,
-    MODULE,
     Hsm,
     audit_events,
     emulator_dir,
@@ -29,6 +24,7 @@ from ..support import (
     serial_states,
     start_emulator,
     start_run,
+    token_labels,
     write_manifest,
     write_station,
 )
@@ -60,10 +56,6 @@ def _station(tmp: Path, h: Hsm, c: CA, custody: str) -> Path:
     return write_station(
         tmp / "s.yaml", h, c, custody=custody, output=tmp / "out", workers=2, chunk_size=6
     )
-
-
-def _token(h: Hsm) -> hsm.Token:
-    return hsm.open_token(MODULE, h.token, SecretRef("file", str(h.pin_file)), str(h.conf))
 
 
 def _check_batch(batch: Path, c: CA, prefix: str, count: int) -> dict[str, object]:
@@ -99,8 +91,9 @@ def _check_batch(batch: Path, c: CA, prefix: str, count: int) -> dict[str, objec
 
 @pytest.mark.parametrize("custody", ["wrapped", "retain"])
 def test_kill_at_every_commit_point_then_resume(
-    hsm_env: Hsm, ca_env: CA, tmp_path: Path, custody: str
+    own_tokens: tuple[Hsm, CA], tmp_path: Path, custody: str
 ) -> None:
+    hsm_env, ca_env = own_tokens
     prefix, count = f"kc{custody[0]}-", 72
     station = _station(tmp_path, hsm_env, ca_env, custody)
     manifest = write_manifest(tmp_path / "m.yaml", f"kills-{custody}", prefix, count)
@@ -122,8 +115,7 @@ def test_kill_at_every_commit_point_then_resume(
     report = _check_batch(batch, ca_env, prefix, count)
     assert report["serials"].get("released", 0) > 0  # reserved, never signed: not revoked
     if custody == "retain":
-        token = _token(hsm_env)
-        labels = [o.label for o in token.objects(ObjectClass.PRIVATE_KEY)]
+        labels = token_labels(hsm_env)
         assert sorted(label for label in labels if label.startswith(prefix)) == [
             f"{prefix}{n:05d}" for n in range(1, count + 1)
         ]
@@ -147,8 +139,9 @@ def _last_run(events: list[dict[str, object]]) -> list[dict[str, object]]:
 
 @pytest.mark.parametrize("custody", ["wrapped", "retain"])
 def test_kill_at_random_moments_then_resume(
-    hsm_env: Hsm, ca_env: CA, tmp_path: Path, custody: str
+    own_tokens: tuple[Hsm, CA], tmp_path: Path, custody: str
 ) -> None:
+    hsm_env, ca_env = own_tokens
     """SIGKILL to the orchestrator alone (its workers must die with it) at random moments
     of the issue stage, several runs in a row, then a clean resume."""
     seed = int(os.environ.get("PROVLINE_TEST_SEED", time.time_ns() % 100_000))
@@ -178,9 +171,10 @@ def test_kill_at_random_moments_then_resume(
     _check_batch(batch, ca_env, prefix, count)
 
 
-def test_kill_while_registering_then_resume(hsm_env: Hsm, ca_env: CA, tmp_path: Path) -> None:
+def test_kill_while_registering_then_resume(own_tokens: tuple[Hsm, CA], tmp_path: Path) -> None:
     """Kills between logging registration outcomes and committing them, and after a commit:
     every device ends registered, with one enrollment each, and the log verifies."""
+    hsm_env, ca_env = own_tokens
     data = emulator_dir(tmp_path)
     emu = start_emulator(data)
     try:

@@ -127,8 +127,9 @@ KILLS = [
 
 
 def test_1000_cryptography_csrs_killed_and_resumed(
-    hsm_env: Hsm, ca_env: CA, tmp_path: Path
+    own_tokens: tuple[Hsm, CA], tmp_path: Path
 ) -> None:
+    hsm_env, ca_env = own_tokens
     station = device_station(tmp_path, hsm_env, ca_env, extra="")
     station.write_text(station.read_text().replace("chunk_size: 64", "chunk_size: 50"))
     rids = [f"k-{n:04d}" for n in range(1, 1001)]

@@ -75,12 +75,13 @@ def _verify(batch: Path, c: CA) -> None:
 
 @pytest.mark.parametrize("kill", ["sign.marked:251", "logged.results:251", "external"], ids=str)
 def test_500_devices_one_at_a_time_killed_once(
-    hsm_env: Hsm, ca_env: CA, tmp_path: Path, kill: str
+    own_tokens: tuple[Hsm, CA], tmp_path: Path, kill: str
 ) -> None:
     """A kill right after the serial reached the ledger (void: the device is signed again
     when the lot closes), after ``issued`` was logged (the bundle is whole: recovered, and
     the device asking again gets the same chain), or from outside while a request is in
     flight. The lot closes complete and its log verifies."""
+    hsm_env, ca_env = own_tokens
     station = device_station(tmp_path, hsm_env, ca_env)
     lot = "modem-lot"
     _open(station, lot, hsm_env, "--product", "modem-x")

@@ -175,3 +175,38 @@ def test_revoke_individual_group_and_batch(
         assert [
             (f["certificate"]["registration_id"], f["certificate"]["status"]) for f in found
         ] == [("ind-0001", "revoked")]
+
+
+def test_lifecycle_changes_name_the_operator_a_station_requires(
+    hsm_env: Hsm, ca_env: CA, emu: Emu, tmp_path: Path, passphrase: str
+) -> None:
+    path = station_file(tmp_path, hsm_env, ca_env, emu)
+    batch(tmp_path, load(path), "who", "who-", 2, "individual")
+    line = f"  cert: {ca_env.audit_cert}\n"
+    text = path.read_text()
+    assert line in text
+    path.write_text(text.replace(line, line + "  require_operator: true\n"))
+    station = load(path)
+    env = {k: v for k, v in hsm_env.env().items() if k != "PROVLINE_OPERATOR"}
+    env["PROVLINE_TEST_PASSPHRASE"] = passphrase
+    life = lifecycle_dir(station)
+    for args in (
+        ["revoke", "--device", "who-0001"],
+        ["renew", "--device", "who-0002"],
+        ["reconcile", "--fix"],
+        ["ca", "crl"],
+    ):
+        proc = provline(*args, "--station", str(path), env=env, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert "this station requires the operator's name" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not (life / AUDIT_LOG).exists()  # refused before the log was opened
+    assert enrollment(emu, "who-0001")["provisioningStatus"] == "enabled"
+
+    provline(
+        "revoke", "--device", "who-0001", "--station", str(path), "--operator", "Ana Lima", env=env
+    )
+    [start] = log_events(life, "operation_start")
+    assert start["data"]["operator"] == "Ana Lima" and start["data"]["kind"] == "revoke"
+    provline("ca", "crl", "--station", str(path), env={**env, "PROVLINE_OPERATOR": "Bo"})
+    assert log_events(life, "crl_issued")[-1]["data"]["operator"] == "Bo"
