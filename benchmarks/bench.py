@@ -1,6 +1,6 @@
 """provline benchmarks (not a test): measure and print. ``make bench``.
 
-    make bench                # every figure at full size, including a 100,000-device lot
+    make bench                # every figure at full size, with 100,000- and 1,000,000-device lots
     BENCH_QUICK=1 make bench  # every figure at a small size: checks the benchmark code runs
 
 Results go to bench-results.json and bench-report.md (both untracked): a benchmark never edits
@@ -10,7 +10,8 @@ docs/benchmarks.md says what each figure means.
 Suites (one module each, ``measure(ca_dir) -> dict``): batch throughput and memory
 (batch.py), registration against the emulator (registration.py), manifest validation at the
 device limit (manifest.py), revocation, CRLs and inventory look-ups after the factory
-(lifecycle.py), key delivery at a programming fixture (fixture.py).
+(lifecycle.py), key delivery at a programming fixture (fixture.py), and a 1,000,000-device
+wrapped lot (lot.py, last: it needs the most disk).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import shutil
 import batch
 import fixture
 import lifecycle
+import lot
 import manifest
 import registration
 from common import OUT, QUICK, ROOT, WORKERS, machine, setup
@@ -32,6 +34,7 @@ SUITES = [
     manifest.measure,
     lifecycle.measure,
     fixture.measure,
+    lot.measure,
 ]
 
 
