@@ -5,7 +5,8 @@ The batch runs in a fresh process so that its peak RSS is its own, not that of w
 benchmark process measured before. It needs room: the bundles of a million devices are five
 million inodes and, on a 4 KiB-block filesystem, about 17 GB with the journal and log; when
 the disk under bench-out/ has less than :data:`BYTES_PER_DEVICE` and :data:`INODES_PER_DEVICE`
-per device free (a margin over that), the lot is not started and the result says why. Its files are removed as soon as it is measured.
+per device free (a margin over that), the lot is not started and the result says why. Its
+files are removed as soon as it is measured.
 """
 
 from __future__ import annotations
