@@ -1,14 +1,18 @@
-"""Batch throughput: wrapped custody end to end, retain custody against SoftHSM2's own keygen
-rate, the openssl CLI flow, raw cryptography, and memory on a 100,000-device lot."""
+"""Batch throughput: wrapped custody end to end against its two ceilings (the HSM's work alone,
+the bundle files alone: :mod:`ceilings`), retain custody against SoftHSM2's own keygen rate,
+the openssl CLI flow, raw cryptography, and memory on a 100,000-device lot (the 1,000,000-device
+lot is :mod:`lot`, run last)."""
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import resource
 import secrets
 import time
 from pathlib import Path
 
+from ceilings import disk_ceiling, hsm_ceiling
 from common import MODULE, OUT, QUICK, WORKERS, peak_rss_mb, run, sh, size
 
 
@@ -135,20 +139,50 @@ def raw_crypto_rate(count: int) -> float:
     return count / (time.monotonic() - started)
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds so far, this process and its finished children, user and system."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {
+        "orchestrator_user": own.ru_utime,
+        "orchestrator_system": own.ru_stime,
+        "workers_user": children.ru_utime,
+        "workers_system": children.ru_stime,
+    }
+
+
+def wrapped_against_ceilings(ca_dir: Path, count: int) -> dict[str, object]:
+    """The two ceilings, then the wrapped batch, in the same run and the same number of
+    processes; the batch's CPU seconds say whether the machine's cores were the limit."""
+    print(f"disk ceiling, {count:,} devices ...", flush=True)
+    disk = disk_ceiling(ca_dir, count)
+    print(f"HSM ceiling, {count:,} devices ...", flush=True)
+    hsm = hsm_ceiling(ca_dir, count)
+    print(f"wrapped custody, {count:,} devices ...", flush=True)
+    before = cpu_seconds()
+    wrapped = run("wrapped", ca_dir, f"wrapped{count // 1000}k", count)
+    after = cpu_seconds()
+    detail = {k: v for k, v in wrapped.items() if k != "batch_dir"}
+    detail["cpu_seconds"] = {k: round(after[k] - before[k], 2) for k in after}
+    rate = wrapped["devices_per_s"]
+    return {
+        "wrapped_devices": count,
+        "wrapped_devices_per_s": round(rate, 1),
+        "hsm_ceiling_devices_per_s": round(hsm, 1),
+        "disk_ceiling_devices_per_s": round(disk, 1),
+        "wrapped_vs_ceiling": round(rate / min(hsm, disk), 3),
+        "audit_overhead_pct": round(100 * wrapped["audit_seconds"] / wrapped["wall_seconds"], 2),
+        "wrapped_detail": detail,
+    }
+
+
 def measure(ca_dir: Path) -> dict[str, object]:
     results: dict[str, object] = {}
     count = size(10_000, 1_000)
-    print(f"wrapped custody, {count:,} devices ...", flush=True)
-    wrapped = run("wrapped", ca_dir, "wrapped10k", count)
+    results.update(wrapped_against_ceilings(ca_dir, count))
     rss = peak_rss_mb()
-    results["wrapped_devices"] = count
-    results["wrapped_devices_per_s"] = round(wrapped["devices_per_s"], 1)
-    results["audit_overhead_pct"] = round(
-        100 * wrapped["audit_seconds"] / wrapped["wall_seconds"], 2
-    )
-    results["wrapped_detail"] = {k: v for k, v in wrapped.items() if k != "batch_dir"}
-    # bench-out/ is removed at the end: deleting 40,000 files now (discard on this VM's disk)
-    # would slow the next measurements down.
+    # bench-out/ is removed at the end: deleting files now would slow the next measurements
+    # down (docs/benchmarks.md, "Variance").
 
     print("SoftHSM2 token keygen baseline ...", flush=True)
     keygen = round(softhsm_keygen_rate(size(1_000, 100) // WORKERS), 1)
@@ -174,11 +208,14 @@ def measure(ca_dir: Path) -> dict[str, object]:
         before = peak_rss_mb()["orchestrator"]
         big = run("wrapped", ca_dir, "wrapped100k", 100_000)
         results["wrapped_100k_devices_per_s"] = round(big["devices_per_s"], 1)
+        results["wrapped_100k_worker_seconds"] = big["worker_seconds"]
         results["peak_rss_mb_100k"] = peak_rss_mb()
         results["peak_rss_mb_orchestrator_before_100k"] = before
 
     w = float(results["wrapped_devices_per_s"])  # type: ignore[arg-type]
+    results["wrapped_vs_openssl_cli"] = round(w / openssl, 1)
     results["ratios"] = {
+        "wrapped_vs_ceiling": results["wrapped_vs_ceiling"],
         "wrapped_vs_openssl_cli": round(w / openssl, 1),
         "wrapped_vs_raw_crypto": round(w / raw, 3),
         "retain_vs_softhsm_keygen": round(float(results["retain_vs_keygen_pct"]) / 100, 3),  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """provline benchmarks (not a test): measure and print. ``make bench``.
 
-    make bench                # every figure at full size, including a 100,000-device lot
+    make bench                # every figure at full size, with 100,000- and 1,000,000-device lots
     BENCH_QUICK=1 make bench  # every figure at a small size: checks the benchmark code runs
 
 Results go to bench-results.json and bench-report.md (both untracked): a benchmark never edits
@@ -11,7 +11,8 @@ Suites (one module each, ``measure(ca_dir) -> dict``): batch throughput and memo
 (batch.py), registration against the emulator (registration.py), manifest validation at the
 device limit (manifest.py), revocation, CRLs and inventory look-ups after the factory
 (lifecycle.py), key delivery at a programming fixture (fixture.py), device-held keys: CSR
-batches and one device at a time (device_keys.py).
+batches and one device at a time (device_keys.py), and a 1,000,000-device wrapped lot
+(lot.py, last: it needs the most disk).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import batch
 import device_keys
 import fixture
 import lifecycle
+import lot
 import manifest
 import registration
 from common import OUT, QUICK, ROOT, WORKERS, machine, setup
@@ -35,6 +37,7 @@ SUITES = [
     lifecycle.measure,
     fixture.measure,
     device_keys.measure,
+    lot.measure,
 ]
 
 

@@ -134,7 +134,7 @@ def manifest(batch_id: str, count: int) -> Path:
     path = OUT / f"{batch_id}.yaml"
     path.write_text(
         f"batch_id: {batch_id}\nkey_profile: ec-p256\nvalidity_days: 365\n"
-        f"generator: {{prefix: {batch_id}-, digits: 6, count: {count}}}\n"
+        f"generator: {{prefix: {batch_id}-, digits: {max(6, len(str(count)))}, count: {count}}}\n"
     )
     return path
 

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from .errors import StorageError
+from .layout import TEMP_SUFFIX
 
 PRIVATE = 0o600
 PUBLIC = 0o644
@@ -63,7 +64,7 @@ def write_atomic(path: Path, data: bytes, *, private: bool = False, fsync: bool 
     """Write ``data`` to ``path`` via a temp file and rename; 0600 when ``private``.
     The temp file is created with its final mode, so private bytes are never world-readable.
     On failure the temp file is removed and a storage failure becomes StorageError."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE if private else PUBLIC)
         try:
@@ -80,6 +81,57 @@ def write_atomic(path: Path, data: bytes, *, private: bool = False, fsync: bool 
             tmp.unlink()
         if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
             raise storage_error(exc, path) from exc
+        raise
+
+
+def open_directory(path: Path) -> int:
+    """A descriptor of the directory ``path``, for the ``*_at`` writes below: names are then
+    resolved from it, one component each, whatever the depth of ``path``."""
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def create_at(dir_fd: int, name: str, data: bytes, *, private: bool = False, where: Path) -> None:
+    """Write ``data`` to ``name`` in the directory ``dir_fd`` in place, with no temporary name:
+    only for a file whose completeness a reader learns from something written after it (a
+    bundle's ``device.json`` records its hash). Created with its final mode (0600 when
+    ``private``). On failure the file is removed, so nothing half-written is left, and a
+    storage failure becomes StorageError naming ``where`` (the directory's path)."""
+    try:
+        fd = os.open(
+            name,
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+            PRIVATE if private else PUBLIC,
+            dir_fd=dir_fd,
+        )
+    except OSError as exc:
+        if exc.errno in STORAGE_ERRNOS:
+            raise storage_error(exc, where / name) from exc
+        raise
+    try:
+        try:
+            write_all(fd, data)
+        finally:
+            os.close(fd)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=dir_fd)
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            raise storage_error(exc, where / name) from exc
+        raise
+
+
+def replace_at(dir_fd: int, name: str, data: bytes, *, private: bool = False, where: Path) -> None:
+    """:func:`write_atomic` relative to ``dir_fd`` (no fsync: durability is the caller's
+    group commit): a reader sees no file or the whole of it."""
+    tmp = f".{name}{TEMP_SUFFIX}"
+    create_at(dir_fd, tmp, data, private=private, where=where)
+    try:
+        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+            raise storage_error(exc, where / name) from exc
         raise
 
 

@@ -6,22 +6,52 @@ contract"):
     <batch>/<registration-id>/device.key.wrapped | device.key.pem | device.pfx
     <batch>/<registration-id>/device.json           ids, thumbprints, serial, key reference, hashes
 
-Each file is written atomically; durability comes from one filesystem sync per chunk.
-``device.json`` is written last, so its presence means the rest of the bundle is complete.
+A bundle is made in two steps: :func:`render_bundle` computes every byte (certificates in
+PEM, hashes, ``device.json``) and touches no file; :meth:`BundleDirectory.store` writes them.
+A worker renders and stores in its writer thread while its main thread keeps the HSM busy
+(:mod:`.writer`).
+
+**What is written, and why that is enough.** ``device.json`` is the completeness marker: it
+is written last, and through a temporary name renamed into place, so a reader sees either no
+``device.json`` or the whole of it. It records the SHA-256 of every other file of the
+bundle. Those other files are written in place, with no temporary name and no rename:
+
+* while a worker runs, they are complete before ``device.json`` appears (one thread writes
+  them in order, and the page cache shows a reader every byte written before the rename);
+* after a kill, a file may be cut short, but then ``device.json`` is absent: the bundle is
+  incomplete whatever the other files hold, the serial is in the signing ledger (marked
+  before signing), and the resume settles it ``void`` and removes its files
+  (:mod:`.settle`); a torn file is never taken for a whole one;
+* after a power cut, nothing of a chunk is known durable before its one filesystem sync, so
+  any file (``device.json`` included) may be empty or stale. That is why settling does not
+  trust presence: a bundle is recovered only when ``device.json`` parses, names the serial,
+  and every file it lists has the SHA-256 it records (the journal records a chunk only after
+  its sync, so it never claims a bundle that is not durable).
+
+A temporary name per payload file would add a rename per file and protect nothing that the
+hashes do not already protect. The number of files is the contract's; what the disk pays for
+is mostly creating their inodes (docs/benchmarks.md). A write that fails removes what it
+half wrote (a failed in-place file is unlinked), so a full disk leaves only whole files and
+no ``device.json``.
+
+A directory that already exists (a device issued again after a void or released serial, or
+a renewal) loses its old ``device.json`` first, so an old marker never vouches for new files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-from dataclasses import replace
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 
 from ..ca.certs import pem, public_key_sha256, thumbprints
-from ..files import write_atomic
+from ..files import STORAGE_ERRNOS, create_at, open_directory, replace_at, storage_error
 from ..layout import DEVICE_CERT, DEVICE_JSON, FULL_CHAIN
 from ..serials import serial_hex
 from .records import IssuedBundle, KeyReference
@@ -29,8 +59,24 @@ from .records import IssuedBundle, KeyReference
 FORMAT_VERSION = 1
 
 
-def write_bundle(
-    batch_dir: Path,
+@dataclass(frozen=True)
+class BundleFile:
+    name: str
+    data: bytes
+    private: bool = False
+
+
+@dataclass(frozen=True)
+class RenderedBundle:
+    """Every byte of one device's bundle, and what the journal and audit log record of it."""
+
+    registration_id: str
+    files: tuple[BundleFile, ...]  # written in this order, before device.json
+    device_json: bytes
+    issued: IssuedBundle  # its ``files`` include device.json's hash
+
+
+def render_bundle(
     *,
     batch_id: str,
     registration_id: str,
@@ -41,18 +87,12 @@ def write_bundle(
     key: KeyReference,
     extra: dict[str, Any],
     key_generated: bool = True,
-) -> IssuedBundle:
-    """Write one device's bundle and return what the journal and audit log record of it."""
-    directory = batch_dir / registration_id
-    directory.mkdir(exist_ok=True)
+) -> RenderedBundle:
+    """The bundle's bytes; no file is touched."""
     leaf = pem(cert)
-    hashes: dict[str, str] = {}
-    for name, data in {DEVICE_CERT: leaf, FULL_CHAIN: leaf + chain_pem}.items():
-        write_atomic(directory / name, data)
-        hashes[name] = hashlib.sha256(data).hexdigest()
-    for name, data in private_files.items():
-        write_atomic(directory / name, data, private=True)
-        hashes[name] = hashlib.sha256(data).hexdigest()
+    files = [BundleFile(DEVICE_CERT, leaf), BundleFile(FULL_CHAIN, leaf + chain_pem)]
+    files += [BundleFile(name, data, private=True) for name, data in private_files.items()]
+    hashes = {f.name: hashlib.sha256(f.data).hexdigest() for f in files}
     issued = IssuedBundle(
         registration_id=registration_id,
         serial=serial_hex(cert.serial_number),
@@ -77,5 +117,90 @@ def write_bundle(
         **extra,
     }
     data = json.dumps(document, indent=2, sort_keys=True).encode() + b"\n"
-    write_atomic(directory / DEVICE_JSON, data)
-    return replace(issued, files={**hashes, DEVICE_JSON: hashlib.sha256(data).hexdigest()})
+    return RenderedBundle(
+        registration_id,
+        tuple(files),
+        data,
+        replace(issued, files={**hashes, DEVICE_JSON: hashlib.sha256(data).hexdigest()}),
+    )
+
+
+class BundleDirectory:
+    """A batch directory (or a renewal's) that bundles are stored in, held open: every name
+    is resolved from its descriptor, one component at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._fd = open_directory(path)
+        except OSError as exc:
+            if exc.errno in STORAGE_ERRNOS:
+                raise storage_error(exc, path) from exc
+            raise
+
+    def store(self, bundle: RenderedBundle) -> None:
+        """Write ``bundle`` (module docstring: payload files in place, device.json last and
+        atomically). Durability is the caller's: one filesystem sync per chunk."""
+        rid = bundle.registration_id
+        where = self.path / rid
+        try:
+            os.mkdir(rid, dir_fd=self._fd)
+            fresh = True
+        except FileExistsError:
+            fresh = False
+        except OSError as exc:
+            if exc.errno in STORAGE_ERRNOS:
+                raise storage_error(exc, where) from exc
+            raise
+        fd = os.open(rid, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._fd)
+        try:
+            if not fresh:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(DEVICE_JSON, dir_fd=fd)
+            for file in bundle.files:
+                create_at(fd, file.name, file.data, private=file.private, where=where)
+            replace_at(fd, DEVICE_JSON, bundle.device_json, where=where)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> BundleDirectory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_bundle(
+    batch_dir: Path,
+    *,
+    batch_id: str,
+    registration_id: str,
+    device_id: str,
+    cert: x509.Certificate,
+    chain_pem: bytes,
+    private_files: dict[str, bytes],
+    key: KeyReference,
+    extra: dict[str, Any],
+    key_generated: bool = True,
+) -> IssuedBundle:
+    """Render and store one device's bundle (for callers that make one at a time: renewals)
+    and return what the journal and audit log record of it."""
+    bundle = render_bundle(
+        batch_id=batch_id,
+        registration_id=registration_id,
+        device_id=device_id,
+        cert=cert,
+        chain_pem=chain_pem,
+        private_files=private_files,
+        key=key,
+        extra=extra,
+        key_generated=key_generated,
+    )
+    with BundleDirectory(batch_dir) as directory:
+        directory.store(bundle)
+    return bundle.issued

@@ -17,8 +17,10 @@ handed. SoftHSM2's transient start-up errors are retried a bounded number of tim
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import functools
 import os
 import signal
 import sys
@@ -44,12 +46,19 @@ from ..files import is_storage_error, storage_error, sync_filesystem
 from ..hsm.token import forget_sessions
 from ..keyprofile import KeyProfile
 from ..vocabulary import Custody
-from .bundle import write_bundle
+from .bundle import BundleDirectory, render_bundle
 from .custody import KeyMaker, key_maker
 from .ledger import WINDOW, LedgerWriter
 from .records import IssuedBundle, NotIssued
 from .signing import open_station_keys
+from .writer import BundleWriter, WriteJob
 
+# Worker seconds per step, summed over a chunk (report.json -> stages.issue.worker_seconds).
+# Main thread: keys (key pair, wrap), issue (leaf signed), ledger (marking serials, synced),
+# queue_wait (blocked: the writer's queue was full, so the disk set the pace), drain (waiting
+# at the chunk's end for the writer), sync (the chunk's filesystem sync). Writer thread:
+# bundle (rendering and storing bundles, overlapped with the main thread's steps).
+STEPS = ("keys", "issue", "ledger", "queue_wait", "bundle", "drain", "sync")
 STARTUP_ATTEMPTS = 5  # a transient HSM error at start-up is retried, 0.25 s doubling
 _PR_SET_PDEATHSIG = 1
 
@@ -98,6 +107,7 @@ class _Worker:
     chain: list[x509.Certificate]
     keys: KeyMaker
     ledger: LedgerWriter
+    bundles: BundleDirectory
     stop: StopFlag | None
 
 
@@ -151,6 +161,7 @@ def _start(job: IssueJob, stop: StopFlag | None) -> _Worker:
             station.custody, keys.token, KeyProfile(job.key_profile), passphrase, batch_dir
         ),
         ledger=LedgerWriter(batch_dir),
+        bundles=BundleDirectory(batch_dir),
         stop=stop,
     )
 
@@ -177,68 +188,105 @@ def _stopping(w: _Worker) -> bool:
 
 
 def issue_chunk(items: list[ChunkItem]) -> ChunkResult:
+    """Sign every device of the chunk in this (the main) thread and hand each to the bundle
+    writer thread (:mod:`.writer`); once the writer has written them all, sync once and
+    report. The writer is finished before this returns or raises, so no bundle is being
+    written while the orchestrator records or settles the chunk."""
     if _startup_error is not None:
         raise _startup_error
     assert _worker is not None, "init_worker was not called"
     w = _worker
-    result = ChunkResult(seconds={"keys": 0.0, "issue": 0.0, "bundle": 0.0, "sync": 0.0})
+    result = ChunkResult(seconds=dict.fromkeys(STEPS, 0.0))
+    seconds = result.seconds
     clock = time.perf_counter
-    marked_until = 0
-    for index, item in enumerate(items):
-        if _stopping(w):
-            result.unstarted = [(i.registration_id, i.serial) for i in items[index:]]
-            break
-        if index >= marked_until:  # durably mark the next window before signing any of it
-            marked_until = index + WINDOW
-            w.ledger.mark(i.serial for i in items[index:marked_until])
-        signed = False
-        try:
-            t0 = clock()
-            key = w.keys.make(item.registration_id, item.retry)
-            t1 = clock()
-            cert = build_leaf(
-                key.public,
-                item.registration_id,
-                w.issuer,
-                serial=int(item.serial, 16),
-                validity_days=w.job.validity_days,
-            )
-            signed = True
-            t2 = clock()
-            files = dict(key.files)
-            if key.with_certificate is not None:
-                files.update(key.with_certificate(cert, w.chain))
-            issued = write_bundle(
-                w.batch_dir,
-                batch_id=w.job.batch_id,
-                registration_id=item.registration_id,
-                device_id=item.device_id,
-                cert=cert,
-                chain_pem=w.issuer.chain_pem,
-                private_files=files,
-                key=key.reference,
-                extra=item.extra,
-                key_generated=key.generated,
-            )
-            t3 = clock()
-        except (HsmError, StorageError):
-            raise  # the token or the disk is unusable: stop the batch; the ledger settles it
-        except OSError as exc:
-            if is_storage_error(exc):
-                raise storage_error(exc, exc.filename or w.batch_dir) from exc
-            result.not_issued.append(_not_issued(item, signed, exc))
-            continue
-        except Exception as exc:  # one device failed; the rest of the chunk goes on
-            result.not_issued.append(_not_issued(item, signed, exc))
-            continue
-        result.seconds["keys"] += t1 - t0
-        result.seconds["issue"] += t2 - t1
-        result.seconds["bundle"] += t3 - t2
-        result.issued.append(issued)
-    t4 = clock()
+    writer = BundleWriter(w.bundles)
+    failed: list[tuple[int, NotIssued]] = []  # devices that failed before reaching the writer
+    try:
+        marked_until = 0
+        for index, item in enumerate(items):
+            if writer.failure is not None:
+                break  # the disk failed: finish() raises it; the ledger settles the rest
+            if _stopping(w):
+                result.unstarted = [(i.registration_id, i.serial) for i in items[index:]]
+                break
+            if index >= marked_until:  # durably mark the next window before signing any of it
+                t0 = clock()
+                marked_until = index + WINDOW
+                w.ledger.mark(i.serial for i in items[index:marked_until])
+                seconds["ledger"] += clock() - t0
+            job = _sign(w, index, item, failed, seconds)
+            if job is not None:
+                seconds["queue_wait"] += writer.put(job)
+    except BaseException:
+        with contextlib.suppress(ProvlineError):
+            writer.finish()  # what is signed and queued is written (settling may recover it)
+        raise
+    seconds["drain"] += writer.finish()  # raises the writer's storage failure, if any
+    seconds["bundle"] += writer.outcome.seconds
+    result.issued = [bundle for _, bundle in sorted(writer.outcome.issued, key=_first)]
+    result.not_issued = [n for _, n in sorted(failed + writer.outcome.not_issued, key=_first)]
+    t0 = clock()
     sync_filesystem(w.batch_dir)
-    result.seconds["sync"] += clock() - t4
+    seconds["sync"] += clock() - t0
     return result
+
+
+def _first(pair: tuple[int, Any]) -> int:
+    return int(pair[0])
+
+
+def _sign(
+    w: _Worker,
+    index: int,
+    item: ChunkItem,
+    failed: list[tuple[int, NotIssued]],
+    seconds: dict[str, float],
+) -> WriteJob | None:
+    """The device's key and signed certificate, as a job for the writer; None when this
+    device failed (recorded in ``failed``). An unusable token or disk raises."""
+    clock = time.perf_counter
+    signed = False
+    try:
+        t0 = clock()
+        key = w.keys.make(item.registration_id, item.retry)
+        t1 = clock()
+        cert = build_leaf(
+            key.public,
+            item.registration_id,
+            w.issuer,
+            serial=int(item.serial, 16),
+            validity_days=w.job.validity_days,
+        )
+        signed = True
+        files = dict(key.files)
+        if key.with_certificate is not None:
+            files.update(key.with_certificate(cert, w.chain))
+        t2 = clock()
+    except (HsmError, StorageError):
+        raise  # the token or the disk is unusable: stop the batch; the ledger settles it
+    except OSError as exc:
+        if is_storage_error(exc):
+            raise storage_error(exc, exc.filename or w.batch_dir) from exc
+        failed.append((index, _not_issued(item, signed, exc)))
+        return None
+    except Exception as exc:  # one device failed; the rest of the chunk goes on
+        failed.append((index, _not_issued(item, signed, exc)))
+        return None
+    seconds["keys"] += t1 - t0
+    seconds["issue"] += t2 - t1
+    render = functools.partial(
+        render_bundle,
+        batch_id=w.job.batch_id,
+        registration_id=item.registration_id,
+        device_id=item.device_id,
+        cert=cert,
+        chain_pem=w.issuer.chain_pem,
+        private_files=files,
+        key=key.reference,
+        extra=item.extra,
+        key_generated=key.generated,
+    )
+    return WriteJob(index, item.registration_id, item.serial, render)
 
 
 def _not_issued(item: ChunkItem, signed: bool, exc: Exception) -> NotIssued:
