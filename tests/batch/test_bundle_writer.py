@@ -94,7 +94,7 @@ def test_the_writer_reports_in_chunk_order_and_a_failing_device_alone(tmp_path: 
                 writer.put(_job(index, bundle))
         writer.finish()
     assert [i for i, _ in writer.outcome.issued] == [0, 1, 2, 4, 5]
-    assert [b.serial for _, b in writer.outcome.issued] == ["100", "101", "102", "104", "105"]
+    assert [b.serial for _, b in writer.outcome.issued] == ["0100", "0101", "0102", "0104", "0105"]
     [(index, failed)] = writer.outcome.not_issued
     assert index == 3 and failed.signed and "cannot render" in failed.reason
     assert not (tmp_path / "dev-3").exists()
