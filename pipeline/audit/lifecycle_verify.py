@@ -27,10 +27,10 @@ from typing import Any
 from cryptography import x509
 
 from ..errors import AuditError
-from ..layout import AUDIT_LOG, CRL_DIR, DEVICE_JSON, RENEWALS_DIR, TEMP_SUFFIX
+from ..layout import AUDIT_LOG, CRL_DIR, DEVICE_JSON, RENEWALS_DIR
 from ..serials import canonical_serial, serial_hex
 from ..vocabulary import AuditEvent
-from .sealed import read_sealed
+from .sealed import check_recorded_files, read_sealed
 
 
 @dataclass
@@ -190,29 +190,7 @@ def _check_renewals(directory: Path, bundles: dict[tuple[str, str], dict[str, st
     checked = 0
     base = directory / RENEWALS_DIR
     for (op, rid), recorded in bundles.items():
-        bundle = base / op / rid
-        for name, digest in recorded.items():
-            path = bundle / name
-            if not path.is_file():
-                raise AuditError(
-                    "recorded renewal file is missing",
-                    where=str(path),
-                    rule="bundles match the log",
-                )
-            if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-                raise AuditError(
-                    "file differs from the hash the log recorded",
-                    where=str(path),
-                    rule="bundles match the log",
-                )
-            checked += 1
-        for path in bundle.iterdir():
-            if path.name not in recorded and not path.name.endswith(TEMP_SUFFIX):
-                raise AuditError(
-                    "renewal file not recorded in the log",
-                    where=str(path),
-                    rule="bundles match the log",
-                )
+        checked += check_recorded_files(base / op / rid, recorded, "renewal")
     if base.is_dir():
         for op_dir in base.iterdir():
             for bundle in op_dir.iterdir() if op_dir.is_dir() else ():

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 from ..ca.certs import is_ca, signed_by, thumbprints
 from ..errors import AuditError
-from ..layout import AUDIT_LOG, AUDIT_SEAL
+from ..layout import AUDIT_LOG, AUDIT_SEAL, TEMP_SUFFIX
 from ..vocabulary import AuditEvent
 from .log import GENESIS
 
@@ -251,3 +251,30 @@ def read_sealed(
             rule="seal names its signer",
         )
     return SealedLog(seal, lines, first_time, str(last.get("time", "")))
+
+
+def check_recorded_files(directory: Path, recorded: dict[str, str], kind: str) -> int:
+    """That ``directory`` holds exactly the files the log recorded (name -> SHA-256), each
+    with its recorded content; ``kind`` names them in errors ("bundle", "renewal"). A
+    leftover temporary file of an interrupted write is not a bundle file. Returns how many
+    files were checked."""
+    for name, digest in recorded.items():
+        path = directory / name
+        if not path.is_file():
+            raise AuditError(
+                f"recorded {kind} file is missing", where=str(path), rule="bundles match the log"
+            )
+        if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise AuditError(
+                "file differs from the hash the log recorded",
+                where=str(path),
+                rule="bundles match the log",
+            )
+    for path in directory.iterdir():
+        if path.name not in recorded and not path.name.endswith(TEMP_SUFFIX):
+            raise AuditError(
+                f"{kind} file not recorded in the log",
+                where=str(path),
+                rule="bundles match the log",
+            )
+    return len(recorded)

@@ -40,7 +40,7 @@ from cryptography import x509
 
 from ..ca.certs import thumbprints
 from ..errors import AuditError
-from ..layout import AUDIT_LOG, DEVICE_JSON, REPORT, REPORT_TEXT, TEMP_SUFFIX
+from ..layout import AUDIT_LOG, DEVICE_JSON, REPORT, REPORT_TEXT
 from ..serials import canonical_serial
 from ..vocabulary import (
     REGISTRATION_STATES,
@@ -49,7 +49,7 @@ from ..vocabulary import (
     DeviceState,
     SerialState,
 )
-from .sealed import read_sealed
+from .sealed import check_recorded_files, read_sealed
 
 
 @dataclass
@@ -295,27 +295,7 @@ def _check_report_files(batch_dir: Path, replay: Replay, lines: int, log: Path) 
 def _check_files(batch_dir: Path, files: dict[str, dict[str, str]]) -> int:
     checked = 0
     for rid, recorded in files.items():
-        directory = batch_dir / rid
-        for name, digest in recorded.items():
-            path = directory / name
-            if not path.is_file():
-                raise AuditError(
-                    "recorded bundle file is missing", where=str(path), rule="bundles match the log"
-                )
-            if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-                raise AuditError(
-                    "file differs from the hash the log recorded",
-                    where=str(path),
-                    rule="bundles match the log",
-                )
-            checked += 1
-        for path in directory.iterdir():
-            if path.name not in recorded and not path.name.endswith(TEMP_SUFFIX):
-                raise AuditError(
-                    "bundle file not recorded in the log",
-                    where=str(path),
-                    rule="bundles match the log",
-                )
+        checked += check_recorded_files(batch_dir / rid, recorded, "bundle")
     for directory in batch_dir.iterdir():
         if directory.is_dir() and directory.name not in files and any(directory.iterdir()):
             bundle = directory / DEVICE_JSON

@@ -175,32 +175,9 @@ class BundleDirectory:
         self.close()
 
 
-def write_bundle(
-    batch_dir: Path,
-    *,
-    batch_id: str,
-    registration_id: str,
-    device_id: str,
-    cert: x509.Certificate,
-    chain_pem: bytes,
-    private_files: dict[str, bytes],
-    key: KeyReference,
-    extra: dict[str, Any],
-    key_generated: bool = True,
-) -> IssuedBundle:
-    """Render and store one device's bundle (for callers that make one at a time: renewals)
+def write_bundle(batch_dir: Path, bundle: RenderedBundle) -> IssuedBundle:
+    """Store one rendered bundle (for callers that make one at a time: renewals, open lots)
     and return what the journal and audit log record of it."""
-    bundle = render_bundle(
-        batch_id=batch_id,
-        registration_id=registration_id,
-        device_id=device_id,
-        cert=cert,
-        chain_pem=chain_pem,
-        private_files=private_files,
-        key=key,
-        extra=extra,
-        key_generated=key_generated,
-    )
     with BundleDirectory(batch_dir) as directory:
         directory.store(bundle)
     return bundle.issued

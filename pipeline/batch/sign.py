@@ -70,7 +70,7 @@ from ..serials import serial_hex
 from ..stats import StageStats
 from ..vocabulary import AuditEvent, Custody, RegistrationMode
 from . import ledger
-from .bundle import write_bundle
+from .bundle import render_bundle, write_bundle
 from .custody import device_key
 from .journal import Journal
 from .ledger import LedgerWriter
@@ -479,15 +479,17 @@ class _Signer:
             signed = True
             bundle = write_bundle(
                 self.batch_dir,
-                batch_id=self.settings.batch_id,
-                registration_id=rid,
-                device_id=rid,
-                cert=cert,
-                chain_pem=issuer.chain_pem,
-                private_files={},
-                key=key.reference,
-                extra=NO_TWIN,
-                key_generated=False,
+                render_bundle(
+                    batch_id=self.settings.batch_id,
+                    registration_id=rid,
+                    device_id=rid,
+                    cert=cert,
+                    chain_pem=issuer.chain_pem,
+                    private_files={},
+                    key=key.reference,
+                    extra=NO_TWIN,
+                    key_generated=False,
+                ),
             )
             sync_filesystem(self.batch_dir)
         except (HsmError, StorageError):

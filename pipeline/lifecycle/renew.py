@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
-from ..batch.bundle import write_bundle
+from ..batch.bundle import render_bundle, write_bundle
 from ..batch.custody import DeviceKey, device_key, key_maker
 from ..batch.requests import find_request
 from ..batch.signing import open_station_keys
@@ -470,15 +470,17 @@ def _issue_one(
             files.update(key.with_certificate(cert, chain))
         bundle = write_bundle(
             directory,
-            batch_id=op_id,
-            registration_id=rid,
-            device_id=device.device_id if device else rid,
-            cert=cert,
-            chain_pem=issuer.chain_pem,
-            private_files=files,
-            key=key.reference,
-            extra={"renews_serial": detail["old"], "renews_batch": detail.get("batch")},
-            key_generated=key.generated,
+            render_bundle(
+                batch_id=op_id,
+                registration_id=rid,
+                device_id=device.device_id if device else rid,
+                cert=cert,
+                chain_pem=issuer.chain_pem,
+                private_files=files,
+                key=key.reference,
+                extra={"renews_serial": detail["old"], "renews_batch": detail.get("batch")},
+                key_generated=key.generated,
+            ),
         )
     except HsmError:
         raise  # the token is unusable: stop; resume voids this chunk's intents

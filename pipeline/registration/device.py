@@ -39,7 +39,64 @@ ENGINE_GLOB = "/usr/lib/*/engines-3/pkcs11.so"
 MAX_KEY_FILE_BYTES = 64 * KIB
 
 
-class DeviceClient:
+class _Device:
+    """What every device does, over whichever transport :meth:`_request` is: register, poll
+    the operation until it is no longer ``assigning``, send telemetry."""
+
+    def __init__(self, endpoints: Endpoints) -> None:
+        if not endpoints.device or not endpoints.id_scope:
+            raise InputError(
+                "no DPS device endpoint or ID scope",
+                rule="dps.device_endpoint + dps.id_scope, or dps.emulator_dir",
+            )
+        self._endpoints = endpoints
+
+    def _request(self, method: str, url: str, body: Any = None) -> tuple[int, dict[str, str], Any]:
+        """Status, lower-case headers and JSON body; raises :class:`ServiceError` for a
+        status of 300 or more."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the transport holds."""
+
+    def register(self, registration_id: str, deadline: float = 60.0) -> dict[str, Any]:
+        """PUT register, then poll the operation until it is no longer ``assigning``
+        (a throttled poll waits its Retry-After and asks again)."""
+        base = (
+            f"{self._endpoints.device}/{self._endpoints.id_scope}/registrations/"
+            f"{quote(registration_id, safe='')}"
+        )
+        _, headers, body = self._request(
+            "PUT", f"{base}/register?api-version={DEVICE_API}", {"registrationId": registration_id}
+        )
+        give_up = time.monotonic() + deadline
+        while isinstance(body, dict) and body.get("status") in ("assigning", "unassigned"):
+            time.sleep(max(1.0, float(headers.get("retry-after") or 2)))
+            if time.monotonic() > give_up:
+                raise ServiceError(408, None, "registration still assigning at the deadline")
+            try:
+                _, headers, body = self._request(
+                    "GET", f"{base}/operations/{body['operationId']}?api-version={DEVICE_API}"
+                )
+            except ServiceError as exc:
+                if exc.status != 429:
+                    raise
+                headers = {"retry-after": str(exc.retry_after or 2)}
+        if not isinstance(body, dict):
+            raise ServiceError(200, None, "the response is not a JSON object")
+        return dict(body)
+
+    def send_telemetry(self, hub: str, device_id: str, payload: dict[str, Any]) -> int:
+        status, _, _ = self._request(
+            "POST",
+            f"https://{hub}/devices/{quote(device_id, safe='')}/messages/events"
+            f"?api-version={HUB_TELEMETRY_API}",
+            payload,
+        )
+        return status
+
+
+class DeviceClient(_Device):
     """The device side of DPS and IoT Hub over mTLS (what a device does after flashing)."""
 
     def __init__(
@@ -50,57 +107,23 @@ class DeviceClient:
         key_password: str | None = None,
         timeout: float = 30.0,
     ) -> None:
-        if not endpoints.device or not endpoints.id_scope:
-            raise InputError(
-                "no DPS device endpoint or ID scope",
-                rule="dps.device_endpoint + dps.id_scope, or dps.emulator_dir",
-            )
+        super().__init__(endpoints)
         ctx = endpoints.tls()
         ctx.load_cert_chain(str(cert_file), str(key_file), password=key_password)
-        self._endpoints = endpoints
         self._client = httpx.Client(verify=ctx, timeout=timeout)
 
     def close(self) -> None:
         self._client.close()
 
-    def register(self, registration_id: str, deadline: float = 60.0) -> dict[str, Any]:
-        """PUT register, then poll the operation until it is no longer ``assigning``."""
-        base = (
-            f"{self._endpoints.device}/{self._endpoints.id_scope}/registrations/"
-            f"{quote(registration_id, safe='')}"
-        )
-        params = {"api-version": DEVICE_API}
-        response = self._client.put(
-            f"{base}/register", params=params, json={"registrationId": registration_id}
-        )
-        if response.status_code not in (200, 202):
+    def _request(self, method: str, url: str, body: Any = None) -> tuple[int, dict[str, str], Any]:
+        response = self._client.request(method, url, json=body)
+        if response.status_code >= 300:
             raise error_of(response)
-        body = json_object(response)
-        give_up = time.monotonic() + deadline
-        while body.get("status") in ("assigning", "unassigned"):
-            time.sleep(max(1.0, float(response.headers.get("retry-after") or 2)))
-            if time.monotonic() > give_up:
-                raise ServiceError(408, None, "registration still assigning at the deadline")
-            response = self._client.get(f"{base}/operations/{body['operationId']}", params=params)
-            if response.status_code == 429:
-                continue
-            if response.status_code not in (200, 202):
-                raise error_of(response)
-            body = json_object(response)
-        return body
-
-    def send_telemetry(self, hub: str, device_id: str, payload: dict[str, Any]) -> int:
-        response = self._client.post(
-            f"https://{hub}/devices/{quote(device_id, safe='')}/messages/events",
-            params={"api-version": HUB_TELEMETRY_API},
-            json=payload,
-        )
-        if response.status_code != 204:
-            raise error_of(response)
-        return response.status_code
+        data = json_object(response) if response.content.strip() else None
+        return response.status_code, dict(response.headers), data
 
 
-class CurlDevice:
+class CurlDevice(_Device):
     """The same device flow for a key that never leaves the HSM (retain custody): curl with
     OpenSSL's PKCS#11 engine (Debian libengine-pkcs11-openssl) signs the TLS handshake inside
     the token. The PIN reaches the engine through a 0600 file (``pin-source``), never argv."""
@@ -115,17 +138,12 @@ class CurlDevice:
         softhsm2_conf: str | None = None,
         timeout: float = 30.0,
     ) -> None:
-        if not endpoints.device or not endpoints.id_scope:
-            raise InputError(
-                "no DPS device endpoint or ID scope",
-                rule="dps.device_endpoint + dps.id_scope, or dps.emulator_dir",
-            )
+        super().__init__(endpoints)
         if shutil.which("curl") is None or not glob.glob(ENGINE_GLOB):
             raise InputError(
                 "the retain device check needs curl and the OpenSSL PKCS#11 engine",
                 rule="run `make setup` (curl, libengine-pkcs11-openssl)",
             )
-        self._endpoints = endpoints
         self._dir = tempfile.TemporaryDirectory(prefix="provline-pin-")
         pin_file = Path(self._dir.name) / "pin"
         pin_file.touch(mode=0o600)
@@ -182,33 +200,6 @@ class CurlDevice:
                 float(headers["retry-after"]) if "retry-after" in headers else None,
             )
         return status, headers, data
-
-    def register(self, registration_id: str, deadline: float = 60.0) -> dict[str, Any]:
-        base = (
-            f"{self._endpoints.device}/{self._endpoints.id_scope}/registrations/"
-            f"{quote(registration_id, safe='')}"
-        )
-        _, headers, body = self._request(
-            "PUT", f"{base}/register?api-version={DEVICE_API}", {"registrationId": registration_id}
-        )
-        give_up = time.monotonic() + deadline
-        while body.get("status") in ("assigning", "unassigned"):
-            time.sleep(max(1.0, float(headers.get("retry-after") or 2)))
-            if time.monotonic() > give_up:
-                raise ServiceError(408, None, "registration still assigning at the deadline")
-            _, headers, body = self._request(
-                "GET", f"{base}/operations/{body['operationId']}?api-version={DEVICE_API}"
-            )
-        return dict(body)
-
-    def send_telemetry(self, hub: str, device_id: str, payload: dict[str, Any]) -> int:
-        status, _, _ = self._request(
-            "POST",
-            f"https://{hub}/devices/{quote(device_id, safe='')}/messages/events"
-            f"?api-version={HUB_TELEMETRY_API}",
-            payload,
-        )
-        return status
 
 
 @dataclass(frozen=True)
