@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import StorageError
@@ -50,6 +51,18 @@ def storage_error(exc: OSError, path: Path | str) -> StorageError:
     return StorageError(what, where=str(path), rule=STORAGE_RULE)
 
 
+@contextlib.contextmanager
+def storage_errors(path: Path | str) -> Iterator[None]:
+    """An OSError inside that means the storage cannot take the write leaves as
+    :class:`StorageError` naming ``path``; every other exception passes unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in STORAGE_ERRNOS:
+            raise storage_error(exc, path) from exc
+        raise
+
+
 def write_all(fd: int, data: bytes) -> None:
     """os.write until every byte is written (a write may be short when the disk fills)."""
     view = memoryview(data)
@@ -65,23 +78,22 @@ def write_atomic(path: Path, data: bytes, *, private: bool = False, fsync: bool 
     The temp file is created with its final mode, so private bytes are never world-readable.
     On failure the temp file is removed and a storage failure becomes StorageError."""
     tmp = path.with_name(f".{path.name}{TEMP_SUFFIX}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE if private else PUBLIC)
+    with storage_errors(path):
         try:
-            write_all(fd, data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE if private else PUBLIC)
+            try:
+                write_all(fd, data)
+                if fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
             if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        if fsync:
-            sync_directory(path.parent)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-            raise storage_error(exc, path) from exc
-        raise
+                sync_directory(path.parent)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
 
 def open_directory(path: Path) -> int:
@@ -96,28 +108,22 @@ def create_at(dir_fd: int, name: str, data: bytes, *, private: bool = False, whe
     bundle's ``device.json`` records its hash). Created with its final mode (0600 when
     ``private``). On failure the file is removed, so nothing half-written is left, and a
     storage failure becomes StorageError naming ``where`` (the directory's path)."""
-    try:
+    with storage_errors(where / name):
         fd = os.open(
             name,
             os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
             PRIVATE if private else PUBLIC,
             dir_fd=dir_fd,
         )
-    except OSError as exc:
-        if exc.errno in STORAGE_ERRNOS:
-            raise storage_error(exc, where / name) from exc
-        raise
-    try:
         try:
-            write_all(fd, data)
-        finally:
-            os.close(fd)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(name, dir_fd=dir_fd)
-        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-            raise storage_error(exc, where / name) from exc
-        raise
+            try:
+                write_all(fd, data)
+            finally:
+                os.close(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=dir_fd)
+            raise
 
 
 def replace_at(dir_fd: int, name: str, data: bytes, *, private: bool = False, where: Path) -> None:
@@ -125,14 +131,13 @@ def replace_at(dir_fd: int, name: str, data: bytes, *, private: bool = False, wh
     group commit): a reader sees no file or the whole of it."""
     tmp = f".{name}{TEMP_SUFFIX}"
     create_at(dir_fd, tmp, data, private=private, where=where)
-    try:
-        os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-            raise storage_error(exc, where / name) from exc
-        raise
+    with storage_errors(where / name):
+        try:
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
 
 
 def sync_directory(directory: Path) -> None:
@@ -150,10 +155,8 @@ def sync_filesystem(anywhere: Path) -> None:
     try:
         if _libc.syncfs(fd) != 0:
             err = ctypes.get_errno()
-            error = OSError(err, f"syncfs failed: {os.strerror(err)}", str(anywhere))
-            if err in STORAGE_ERRNOS:
-                raise storage_error(error, anywhere) from error
-            raise error
+            with storage_errors(anywhere):
+                raise OSError(err, f"syncfs failed: {os.strerror(err)}", str(anywhere))
     finally:
         os.close(fd)
 

@@ -51,7 +51,7 @@ from typing import Any
 from cryptography import x509
 
 from ..ca.certs import pem, public_key_sha256, thumbprints
-from ..files import STORAGE_ERRNOS, create_at, open_directory, replace_at, storage_error
+from ..files import create_at, open_directory, replace_at, storage_errors
 from ..layout import DEVICE_CERT, DEVICE_JSON, FULL_CHAIN
 from ..serials import serial_hex
 from .records import IssuedBundle, KeyReference
@@ -131,12 +131,8 @@ class BundleDirectory:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
+        with storage_errors(path):
             self._fd = open_directory(path)
-        except OSError as exc:
-            if exc.errno in STORAGE_ERRNOS:
-                raise storage_error(exc, path) from exc
-            raise
 
     def store(self, bundle: RenderedBundle) -> None:
         """Write ``bundle`` (module docstring: payload files in place, device.json last and
@@ -144,14 +140,11 @@ class BundleDirectory:
         rid = bundle.registration_id
         where = self.path / rid
         try:
-            os.mkdir(rid, dir_fd=self._fd)
+            with storage_errors(where):
+                os.mkdir(rid, dir_fd=self._fd)
             fresh = True
         except FileExistsError:
             fresh = False
-        except OSError as exc:
-            if exc.errno in STORAGE_ERRNOS:
-                raise storage_error(exc, where) from exc
-            raise
         fd = os.open(rid, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._fd)
         try:
             if not fresh:

@@ -34,7 +34,7 @@ from typing import Any
 from .. import locks
 from ..crashpoint import crash_point
 from ..errors import InputError, StorageError
-from ..files import STORAGE_ERRNOS, STORAGE_RULE, storage_error, sync_directory
+from ..files import STORAGE_RULE, storage_errors, sync_directory
 from ..layout import JOURNAL, LOCK
 from ..registration.target import RegistrationOutcome
 from ..vocabulary import REWORK_STATES, DeviceState, SerialState
@@ -130,43 +130,38 @@ class Journal:
         batch (the next run removes the abandoned build) or a complete one. Raises
         InputError if another run created the batch first."""
         output = batch_dir.parent
-        try:
+        with storage_errors(output):
             output.mkdir(parents=True, exist_ok=True)
             _remove_abandoned(output, batch_dir)
             building = output / f".{batch_dir.name}{CREATING}{secrets.token_hex(4)}"
             building.mkdir()
-        except OSError as exc:
-            if exc.errno in STORAGE_ERRNOS:
-                raise storage_error(exc, output) from exc
-            raise
         lock = None
-        try:
-            lock = _lock(building)
-            journal = cls(building / JOURNAL, _connect(building / JOURNAL), None)
+        with storage_errors(building):
             try:
-                journal.set_meta(meta, label="create")
-                journal.add_requests(requests)
-                journal.plan(devices)
-            finally:
-                journal._db.close()
-            sync_directory(building)
-            try:
-                os.rename(building, batch_dir)  # replaces an empty directory, never a full one
-            except OSError as exc:
-                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise InputError(
-                        f"{batch_dir} was created by another run meanwhile",
-                        rule="one run per batch at a time",
-                    ) from exc
+                lock = _lock(building)
+                journal = cls(building / JOURNAL, _connect(building / JOURNAL), None)
+                try:
+                    journal.set_meta(meta, label="create")
+                    journal.add_requests(requests)
+                    journal.plan(devices)
+                finally:
+                    journal._db.close()
+                sync_directory(building)
+                try:
+                    os.rename(building, batch_dir)  # replaces an empty directory, never a full one
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise InputError(
+                            f"{batch_dir} was created by another run meanwhile",
+                            rule="one run per batch at a time",
+                        ) from exc
+                    raise
+                sync_directory(output)
+            except BaseException:
+                if lock is not None:
+                    os.close(lock)
+                shutil.rmtree(building, ignore_errors=True)
                 raise
-            sync_directory(output)
-        except BaseException as exc:
-            if lock is not None:
-                os.close(lock)
-            shutil.rmtree(building, ignore_errors=True)
-            if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-                raise storage_error(exc, building) from exc
-            raise
         crash_point("batch.created")
         try:
             return cls(batch_dir / JOURNAL, _connect(batch_dir / JOURNAL), lock)
