@@ -11,10 +11,21 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from .support import CA, Hsm, Ock, make_ca, make_hsm, ock_unavailable, start_opencryptoki
+from .support import (
+    CA,
+    Emu,
+    Hsm,
+    Ock,
+    make_ca,
+    make_hsm,
+    ock_unavailable,
+    start_fast_emulator,
+    start_opencryptoki,
+)
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +59,15 @@ def own_tokens(_tools: None, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     base = tmp_path_factory.mktemp("own-hsm")
     h = make_hsm(base, token="own-station", root_token="own-root")
     return h, make_ca(h, base / "ca")
+
+
+@pytest.fixture
+def emu(tmp_path: Path) -> Iterator[Emu]:
+    """An emulator of this test's own: free ports, quick assignment, the default quotas."""
+    e = start_fast_emulator(tmp_path)
+    yield e
+    if e.proc.poll() is None:
+        e.stop()
 
 
 @pytest.fixture(scope="session")

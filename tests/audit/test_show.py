@@ -61,7 +61,7 @@ def _enrolled(emu: Emu) -> int:
 @pytest.fixture(scope="module")
 def lot(hsm_env: Hsm, ca_env: CA, tmp_path_factory: pytest.TempPathFactory) -> Lot:
     base = tmp_path_factory.mktemp("show")
-    emu = start_fast_emulator(base / "emu")
+    emu = start_fast_emulator(base)
     station = write_station(
         base / "s.yaml",
         hsm_env,

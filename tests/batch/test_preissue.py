@@ -6,7 +6,6 @@ emulator over real HTTPS; every command is the CLI as a subprocess."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,14 +25,6 @@ from ..support import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def emu(tmp_path: Path) -> Iterator[Emu]:
-    e = start_fast_emulator(tmp_path / "emu")
-    yield e
-    if e.proc.poll() is None:
-        e.stop()
 
 
 def _station(tmp: Path, h: Hsm, c: CA, e: Emu, custody: str = "wrapped") -> Path:
@@ -239,7 +230,7 @@ def test_upload_ca_where_the_certificate_api_is_azure_resource_manager(
 ) -> None:
     """Azure's DPS service endpoint has no certificate API: --upload-ca is refused with what
     the operator does instead; without it plan cannot check and says so."""
-    emu = start_fast_emulator(tmp_path / "emu", certificate_api=False)
+    emu = start_fast_emulator(tmp_path, certificate_api=False)
     try:
         station = _station(tmp_path, hsm_env, ca_env, emu)
         pair = Pair(_manifest(tmp_path, "arm", "arm-", 2, "individual"), station, hsm_env)

@@ -8,20 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from ..support import Emu, emulator_dir, start_emulator
+from ..support import UNTHROTTLED, Emu, start_fast_emulator
 from .support import PASSPHRASE
 
 
 @pytest.fixture
 def emu(tmp_path: Path) -> Iterator[Emu]:
-    data = emulator_dir(
-        tmp_path,
-        assign_seconds=0.1,
-        retry_after=1,
-        operations_per_minute=600000,
-        registrations_per_minute=600000,
-    )
-    e = start_emulator(data)
+    """The emulator with no quota: these tests measure nothing about pacing."""
+    e = start_fast_emulator(tmp_path, **UNTHROTTLED)
     yield e
     if e.proc.poll() is None:
         e.stop()

@@ -16,17 +16,9 @@ from pipeline.errors import RegistrationRefused
 from pipeline.registration.stage import RegisterOptions
 from pipeline.run import run_batch
 
-from ..support import CA, Emu, Hsm, emulator_dir, provline, start_emulator, write_station
+from ..support import CA, Emu, Hsm, provline, start_emulator, write_station
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def emu(tmp_path: Path) -> Any:
-    e = start_emulator(emulator_dir(tmp_path, assign_seconds=0.1, retry_after=1))
-    yield e
-    if e.proc.poll() is None:
-        e.stop()
 
 
 def _station(tmp: Path, h: Hsm, c: CA, e: Emu, custody: str = "wrapped") -> Path:
