@@ -32,25 +32,15 @@ class HubIdentities(HubRegistry):
         return assigned_hub.split(":")[0].lower() == self.host.split(":")[0].lower()
 
     def get(self, device_id: str) -> Identity | None:
-        try:
-            device = self._manager.get_device(device_id)
-        except Exception as exc:
-            error = service_error(exc)
-            if error.status == 404:
-                return None
-            raise error from exc
-        return _identity(device)
+        device = self.device(device_id)
+        return None if device is None else _identity(device)
 
     def set_status(self, device_id: str, status: str) -> str:
         """``status`` on an existing identity, every other field kept; returns what was done:
         ``disabled`` / ``enabled``, ``already`` or ``absent``."""
-        try:
-            device = self._manager.get_device(device_id)
-        except Exception as exc:
-            error = service_error(exc)
-            if error.status == 404:
-                return "absent"
-            raise error from exc
+        device = self.device(device_id)
+        if device is None:
+            return "absent"
         if device.status == status:
             return "already"
         device.status = status
@@ -60,13 +50,9 @@ class HubIdentities(HubRegistry):
     def set_thumbprints(self, device_id: str, primary: str, secondary: str | None) -> str:
         """Point a self-signed identity at new SHA-1 thumbprints (a promoted renewal).
         Returns ``updated``, ``already``, ``absent`` or ``not_self_signed``."""
-        try:
-            device = self._manager.get_device(device_id)
-        except Exception as exc:
-            error = service_error(exc)
-            if error.status == 404:
-                return "absent"
-            raise error from exc
+        device = self.device(device_id)
+        if device is None:
+            return "absent"
         auth = device.authentication
         if auth is None or auth.type != "selfSigned":
             return "not_self_signed"

@@ -5,6 +5,7 @@ the lifecycle commands (:mod:`pipeline.lifecycle.hub`)."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from ..errors import InputError
 from ..vocabulary import DeviceState
@@ -47,16 +48,22 @@ class HubRegistry:
             else DeviceState.CONFLICT
         )
 
-    def auth_type(self, device_id: str) -> str | None:
-        """The authentication type of the identity ``device_id`` (``sas``, ``selfSigned``,
-        ``certificateAuthority``), None when there is none (read-only)."""
+    def device(self, device_id: str) -> Any | None:
+        """The SDK's record of the identity ``device_id``, None when there is none."""
         try:
-            device = self._manager.get_device(device_id)
+            return self._manager.get_device(device_id)
         except Exception as exc:
             error = service_error(exc)
             if error.status == 404:
                 return None
             raise error from exc
+
+    def auth_type(self, device_id: str) -> str | None:
+        """The authentication type of the identity ``device_id`` (``sas``, ``selfSigned``,
+        ``certificateAuthority``), None when there is none (read-only)."""
+        device = self.device(device_id)
+        if device is None:
+            return None
         auth = device.authentication
         return str(auth.type) if auth is not None else ""
 
